@@ -1,0 +1,1 @@
+"""Data: getting the images (sources, ingestion) and turning them into model inputs (preprocess)."""

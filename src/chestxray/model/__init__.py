@@ -1,0 +1,1 @@
+"""Model: backbones, the classifier network, the decision rule, and loading a trained model."""

@@ -1,0 +1,71 @@
+"""Build the classifier: pixel scaling -> backbone -> pooling -> dropout -> (hidden) -> softmax."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+
+from chestxray.model.backbones import get_backbone
+from chestxray.model.layers import PixelScaling
+
+
+def _backbone_weights(weights: str | None) -> tuple[str | None, Path | None]:
+    """Split the `weights` param into what keras.applications takes and a local file to load after."""
+    if weights in (None, "none", "None", ""):
+        return None, None
+    if weights == "imagenet":
+        return "imagenet", None
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"backbone weights file not found: {path} -- set base_model.weights in params.yaml to an existing "
+            "file, 'imagenet' (needs internet) or 'none'"
+        )
+    return None, path
+
+
+def build_model(
+    backbone: str,
+    image_size: int,
+    num_classes: int,
+    weights: str | None = "imagenet",
+    dropout: float = 0.3,
+    dense_units: int = 0,
+) -> keras.Model:
+    """The full classifier. Input: (image_size, image_size, 3) float pixels in [0, 255]; output: class probabilities."""
+    spec = get_backbone(backbone)
+    keras_weights, weights_file = _backbone_weights(weights)
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    try:
+        base = spec.build(include_top=False, weights=keras_weights, input_shape=(image_size, image_size, 3))
+    except Exception as exc:
+        if keras_weights == "imagenet":
+            raise RuntimeError(
+                f"could not download ImageNet weights for {backbone} ({exc.__class__.__name__}); offline, point "
+                "base_model.weights at a local .weights.h5 file"
+            ) from None
+        raise
+    if weights_file is not None:
+        base.load_weights(weights_file)
+    base.name = "backbone"
+    x = PixelScaling(spec.scaling, name="pixel_scaling")(inputs)
+    x = base(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    if dense_units:
+        x = keras.layers.Dense(dense_units, activation="relu", name="hidden")(x)
+        x = keras.layers.Dropout(dropout, name="hidden_dropout")(x)
+    # float32 output even under mixed precision, so probabilities stay exact.
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=f"chestxray_{spec.name}")
+
+
+def backbone_of(model: keras.Model) -> keras.Model:
+    """The nested backbone model inside a classifier built by build_model."""
+    return model.get_layer("backbone")
+
+
+def head_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers after the backbone (pooling to probabilities), in order."""
+    names = [layer.name for layer in model.layers]
+    return model.layers[names.index("backbone") + 1 :]

@@ -1,0 +1,72 @@
+"""Shared fixtures: paths to the real data in ../shared and a tiny trained model for app tests."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CHESTXRAY_SHARED", ROOT.parent / "shared"))
+KERMANY224 = SHARED / "data" / "kermany224"
+FULLSIZE = SHARED / "data" / "kermany-val-fullsize"
+XCEPTION_WEIGHTS = SHARED / "weights" / "xception_imagenet_notop.weights.h5"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (see ../shared/data/README.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def kermany224() -> Path:
+    return _need(KERMANY224)
+
+
+@pytest.fixture(scope="session")
+def fullsize_dir() -> Path:
+    return _need(FULLSIZE)
+
+
+@pytest.fixture(scope="session")
+def xception_weights() -> Path:
+    return _need(XCEPTION_WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory, kermany224) -> Path:
+    """A small MobileNetV2 (96 px, no pretrained weights) trained briefly on 64 real images.
+
+    Laid out like the pipeline's artifacts/: training/{model.keras, model_info.json},
+    evaluation/{thresholds.json, metrics.json}. Good enough to exercise serving, not to diagnose.
+    """
+    import keras
+    import numpy as np
+
+    from chestxray.data.preprocess import load_image
+    from chestxray.model.build import build_model
+
+    keras.utils.set_random_seed(0)
+    classes, size = ["NORMAL", "PNEUMONIA"], 96
+    files = [(p, k) for k, c in enumerate(classes) for p in sorted((kermany224 / "train" / c).glob("*.jpeg"))[:32]]
+    x = np.stack([load_image(p, size) for p, _ in files])
+    y = np.array([k for _, k in files])
+    model = build_model("mobilenetv2", size, len(classes), weights="none", dropout=0.1)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+
+    root = tmp_path_factory.mktemp("artifacts")
+    (root / "training").mkdir()
+    (root / "evaluation").mkdir()
+    model.save(root / "training" / "model.keras")
+    (root / "training" / "model_info.json").write_text(json.dumps({
+        "classes": classes, "normal_class": "NORMAL", "image_size": size, "backbone": "mobilenetv2",
+        "trained_at": "2026-01-01T00:00:00+00:00",
+    }))
+    (root / "evaluation" / "thresholds.json").write_text(json.dumps({"decision_threshold": 0.5, "low_confidence": 0.6}))
+    (root / "evaluation" / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "roc_auc": 0.5}))
+    return root
