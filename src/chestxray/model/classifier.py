@@ -100,6 +100,13 @@ class Classifier:
         out = [np.asarray(self.model(batch[i : i + batch_size], training=False)) for i in range(0, len(batch), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
+    def probabilities_for_files(self, paths: list[str], batch_size: int = 32) -> np.ndarray:
+        """Class probabilities (N, C) for image files, streamed in batches through the shared preprocessing."""
+        from chestxray.data.dataset import image_dataset
+
+        out = [np.asarray(self.model(batch, training=False)) for batch in image_dataset(paths, self.image_size, batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
     def predict_arrays(self, batch: np.ndarray) -> list[Prediction]:
         """Predictions for prepared inputs (N, size, size, 3)."""
         probs = self.probabilities(batch)

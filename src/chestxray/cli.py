@@ -1,0 +1,150 @@
+"""The `chestxray` command: one subcommand per task (`chestxray <command> --help`).
+
+    chestxray predict scans/ extra.dcm --out results.csv --heatmaps heatmaps/
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm"}
+
+
+def iter_images(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str]]:
+    """(path, name for the heatmap file) for each image file given or found recursively under a folder."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            for found in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+                yield found, "__".join(found.relative_to(path).with_suffix("").parts)
+        else:
+            yield path, path.stem
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _read(path: Path):
+    """Decoded grayscale image, or the error in words (the same acceptance rules as the API)."""
+    from chestxray.serving.api import ApiError, check_image
+
+    try:
+        return check_image(path.read_bytes()), None
+    except ApiError as exc:
+        return None, exc.message
+    except OSError as exc:
+        return None, f"cannot read file ({exc.strerror or type(exc).__name__})"
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """Predict every image under the given paths into a CSV, in batches; optional Grad-CAM PNGs."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from chestxray.data.preprocess import prepare_image
+    from chestxray.model.classifier import Classifier, ModelNotFound
+
+    files = list(iter_images(args.paths))  # paths only; images are read one batch at a time
+    missing = [str(p) for p, _ in files if not p.exists()]
+    if missing:
+        print(f"chestxray: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    try:
+        clf = Classifier.from_artifacts(args.artifacts)
+    except ModelNotFound as exc:
+        print(f"chestxray: {exc}", file=sys.stderr)
+        return 1
+    heatmaps = Path(args.heatmaps) if args.heatmaps else None
+    if heatmaps:
+        heatmaps.mkdir(parents=True, exist_ok=True)
+    columns = ["file", "predicted_class", "confidence", *[f"p_{c}" for c in clf.classes], "low_confidence", "error"]
+    used_names: set[str] = set()
+    errors = 0
+    with open(args.out, "w", newline="") as out, tqdm(total=len(files), unit="image", file=sys.stderr) as bar:
+        writer = csv.DictWriter(out, fieldnames=columns)
+        writer.writeheader()
+        for batch in _batches(files, args.batch_size):
+            read = [(path, name, *_read(path)) for path, name in batch]
+            inputs = [prepare_image(gray, clf.image_size) for _, _, gray, error in read if error is None]
+            predictions = iter(clf.predict_arrays(np.stack(inputs)) if inputs else [])
+            for path, name, gray, error in read:
+                if error is not None:
+                    errors += 1
+                    writer.writerow({"file": str(path), "error": error})
+                    continue
+                prediction = next(predictions)
+                writer.writerow(_row(path, prediction))
+                if heatmaps:
+                    _write_heatmap(clf, gray, prediction.predicted_class, heatmaps, _unique(name, used_names))
+            bar.update(len(batch))
+    print(f"{len(files) - errors} predicted, {errors} unreadable -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def _row(path: Path, prediction) -> dict:
+    row = {"file": str(path), "predicted_class": prediction.predicted_class,
+           "confidence": f"{prediction.confidence:.6f}", "low_confidence": prediction.low_confidence, "error": ""}
+    row.update({f"p_{c}": f"{p:.6f}" for c, p in prediction.probabilities.items()})
+    return row
+
+
+def _unique(name: str, used: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{name}_{n}"
+    used.add(candidate)
+    return candidate
+
+
+def _write_heatmap(clf, gray, class_name: str, folder: Path, name: str) -> None:
+    from chestxray.explain.gradcam import explain
+
+    (folder / f"{name}.gradcam.png").write_bytes(explain(clf, gray, class_name).png())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(prog="chestxray", description="Chest X-ray classification (decision support).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_predict(sub)
+    return parser
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="predict images or folders into a CSV",
+                       description="Predict every .jpg/.jpeg/.png/.dcm file given, or found under given folders.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--heatmaps", metavar="DIR", help="also write a Grad-CAM overlay PNG per image into DIR")
+    p.add_argument("--artifacts", default="artifacts", help="the pipeline's artifacts folder (default: artifacts)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per model call (default: 16)")
+    p.set_defaults(handler=predict_command)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse the arguments and run the chosen subcommand's handler."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

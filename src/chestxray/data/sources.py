@@ -1,0 +1,225 @@
+"""Getting the dataset named by `data.source`: a local folder, a .zip/.tar(.gz) archive (local or
+remote), an http(s) URL, or a Google Drive link or file id.
+
+Whatever the source, the result is a local folder: the dataset root, which holds split folders
+(`train`, `test`, optionally `val`) or class folders directly. Every failure is a DataSourceError
+whose message is one line saying what is wrong and what to set.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import lzma
+import re
+import tarfile
+import zipfile
+import zlib
+from pathlib import Path
+from urllib.parse import urlparse
+
+import requests
+
+HINT = "set data.source in params.yaml to a folder, archive, URL or Google Drive link"
+SPLITS = ("train", "val", "test")
+DOWNLOAD_TIMEOUT = (10, 60)  # seconds: to connect, and between two reads
+_DRIVE_HOSTS = {"drive.google.com", "docs.google.com", "drive.usercontent.google.com"}
+_DRIVE_ID = re.compile(r"[A-Za-z0-9_-]{25,}")
+_CHUNK = 1 << 20
+
+
+class DataSourceError(RuntimeError):
+    """The data source cannot be used; the message is one line: what is wrong and what to set."""
+
+
+def _one_line(text: str) -> str:
+    """The first non-empty line of a (library's) message, for embedding in ours."""
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_kind(source: str) -> str:
+    """'folder', 'archive' (a local file), 'url' or 'drive'; a local path that does not exist is an error."""
+    if source.startswith(("http://", "https://")):
+        return "drive" if urlparse(source).hostname in _DRIVE_HOSTS else "url"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        return "archive"
+    if _DRIVE_ID.fullmatch(source):
+        return "drive"
+    raise DataSourceError(f"data.source {source} not found: {HINT}")
+
+
+def _request_reason(exc: requests.RequestException) -> str:
+    """A few words for why a request failed (requests' own messages run to several hundred characters)."""
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "the connection closed before the download was complete"
+    errno_text = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
+    return errno_text.group(1).strip().lower() if errno_text else exc.__class__.__name__
+
+
+def download_url(url: str, folder: Path, timeout: tuple[float, float] = DOWNLOAD_TIMEOUT) -> Path:
+    """Stream `url` into `folder`; the file gets its final name only once it is complete."""
+    target = folder / (Path(urlparse(url).path).name or "download")
+    part = target.with_name(target.name + ".part")
+    try:
+        with requests.get(url, stream=True, timeout=timeout) as response:
+            response.raise_for_status()
+            # With a Content-Encoding, requests decodes on the fly and the header counts encoded bytes.
+            expected = None if response.headers.get("Content-Encoding") else response.headers.get("Content-Length")
+            size = 0
+            with open(part, "wb") as f:
+                for chunk in response.iter_content(_CHUNK):
+                    f.write(chunk)
+                    size += len(chunk)
+    except requests.HTTPError as exc:
+        part.unlink(missing_ok=True)
+        status = exc.response.status_code if exc.response is not None else "error"
+        raise DataSourceError(f"could not download {url}: HTTP {status}: check the URL or {HINT}") from None
+    except requests.RequestException as exc:
+        part.unlink(missing_ok=True)
+        raise DataSourceError(f"could not download {url} ({_request_reason(exc)}): check the URL and the network, or {HINT}") from None
+    if expected is not None and size != int(expected):
+        part.unlink(missing_ok=True)
+        raise DataSourceError(f"download of {url} is incomplete ({size:,} of {int(expected):,} bytes): retry, or {HINT}")
+    return part.rename(target)
+
+
+def download_drive(source: str, folder: Path, timeout: tuple[float, float] = DOWNLOAD_TIMEOUT) -> Path:
+    """Download a Google Drive file (share link or bare file id) into `folder` with gdown."""
+    import gdown
+
+    part = folder / "drive-download.part"
+    by_id = not source.startswith(("http://", "https://"))
+    try:
+        if by_id:
+            result = gdown.download(id=source, output=str(part), quiet=True, timeout=timeout)
+        else:
+            result = gdown.download(url=source, output=str(part), quiet=True, fuzzy=True, timeout=timeout)
+    except Exception as exc:  # gdown raises its own errors, requests' errors and OSError
+        part.unlink(missing_ok=True)
+        reason = _one_line(exc) or exc.__class__.__name__
+        raise DataSourceError(f"could not download Google Drive file {source} ({reason}): share it as 'anyone with the link', or {HINT}") from None
+    if not result or not part.is_file():
+        raise DataSourceError(f"could not download Google Drive file {source}: share it as 'anyone with the link', or {HINT}")
+    return part.rename(folder / "drive-download")
+
+
+def verify_checksum(path: Path, checksum: str, source: str) -> None:
+    """Check a file against `checksum` ("sha256:<hex>"); a mismatch names both digests."""
+    algorithm, _, expected = str(checksum).partition(":")
+    if algorithm.lower() != "sha256" or not re.fullmatch(r"[0-9a-fA-F]{64}", expected):
+        raise DataSourceError(f"data.checksum {checksum!r} is not 'sha256:<64 hex digits>': set data.checksum in params.yaml to that form or to null")
+    actual = file_sha256(path)
+    if actual != expected.lower():
+        raise DataSourceError(
+            f"checksum mismatch for {source}: expected sha256:{expected.lower()}, got sha256:{actual}: "
+            "check data.source, or set data.checksum in params.yaml to the new digest"
+        )
+
+
+def _skipped(name: str) -> bool:
+    """Archive members to leave out: macOS resource forks."""
+    return "__MACOSX" in Path(name).parts
+
+
+def _extract_zip(archive: Path, folder: Path, source: str) -> None:
+    root = folder.resolve()
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            if _skipped(info.filename):
+                continue
+            if not (root / info.filename).resolve().is_relative_to(root):
+                raise DataSourceError(f"{source} holds an unsafe path {info.filename!r} (outside the archive): {HINT}")
+            zf.extract(info, root)
+
+
+def _extract_tar(archive: Path, folder: Path, source: str) -> None:
+    with tarfile.open(archive) as tf:
+        try:
+            # The generator keeps a compressed tar to one pass; the "data" filter refuses absolute
+            # paths, '..', links pointing outside, and device files.
+            tf.extractall(folder, members=(m for m in tf if not _skipped(m.name)), filter="data")
+        except tarfile.FilterError as exc:
+            raise DataSourceError(f"{source} holds an unsafe member ({_one_line(exc)}): {HINT}") from None
+
+
+def extract(archive: Path, folder: Path, source: str) -> Path:
+    """Extract a .zip or .tar(.gz/.bz2/.xz) archive (recognised by content) into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, folder, source)
+        elif tarfile.is_tarfile(archive):
+            _extract_tar(archive, folder, source)
+        else:
+            raise DataSourceError(f"{source} is not a folder or a .zip/.tar archive: {HINT}")
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as exc:
+        raise DataSourceError(f"{source} is a damaged archive ({_one_line(exc) or exc.__class__.__name__}): {HINT}") from None
+    return folder
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """Visible subfolders, sorted; hidden folders and __MACOSX are not data."""
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
+
+
+def _holds_files(folder: Path) -> bool:
+    return any(f.is_file() and not f.name.startswith(".") for f in folder.iterdir())
+
+
+def find_dataset_root(folder: Path, source: str) -> Path:
+    """Descend through single-folder wrappers until a folder holds split folders or class folders."""
+    current = folder
+    while True:
+        subfolders = _subfolders(current)
+        if any(d.name.lower() in SPLITS for d in subfolders):
+            return current
+        if sum(_holds_files(d) for d in subfolders) >= 2:
+            return current
+        if len(subfolders) != 1:
+            raise DataSourceError(f"no split folders (train, test) or class folders found in {source}: {HINT}")
+        current = subfolders[0]
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """The dataset's split folders by lower-case name; {'': root} when root holds class folders."""
+    splits = {d.name.lower(): d for d in _subfolders(root) if d.name.lower() in SPLITS}
+    return splits or {"": root}
+
+
+def fetch(source: str, workdir: Path, checksum: str | None = None) -> Path:
+    """Make `source` available locally (downloading and extracting into `workdir`) and return the dataset root.
+
+    `checksum` ("sha256:<hex>") is checked on the archive file, downloaded or local.
+    """
+    source = str(source or "").strip()
+    if not source:
+        raise DataSourceError(f"data.source is empty: {HINT}")
+    kind = source_kind(source)
+    if kind == "folder":
+        if checksum:
+            raise DataSourceError(f"data.checksum applies to an archive but data.source {source} is a folder: set data.checksum in params.yaml to null")
+        return find_dataset_root(Path(source).expanduser(), source)
+    downloads = workdir / "download"
+    downloads.mkdir(parents=True, exist_ok=True)
+    if kind == "url":
+        archive = download_url(source, downloads)
+    elif kind == "drive":
+        archive = download_drive(source, downloads)
+    else:
+        archive = Path(source).expanduser()
+    if checksum:
+        verify_checksum(archive, checksum, source)
+    return find_dataset_root(extract(archive, workdir / "extracted", source), source)

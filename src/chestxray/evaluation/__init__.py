@@ -1,0 +1,1 @@
+"""Evaluation: metrics, threshold choice and plots for a trained classifier."""

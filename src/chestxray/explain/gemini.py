@@ -1,0 +1,111 @@
+"""A short text explanation of a prediction from Google Gemini (google-genai SDK).
+
+Optional and bounded: with no key, on an error, a timeout, a 429 quota answer or an empty or
+malformed response, ``explain_prediction`` returns ``(None, reason)`` and the caller carries on
+with the prediction alone. Nothing here ever raises.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemini-2.5-flash"
+# The SDK's timeout bounds each network read; this pool bounds the whole call, including a server
+# that trickles bytes. A call that overruns is abandoned (it ends on the SDK's own timeout).
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="gemini")
+
+PROMPT = """You are helping a clinician read the output of an automated chest X-ray classifier.
+The classifier is decision support only; it is not a diagnosis and may be wrong.
+
+Classifier output:
+- predicted class: {predicted_class}
+- confidence: {confidence:.1%}
+- class probabilities: {probabilities}
+- low-confidence flag: {low_confidence}
+
+The attached image is the X-ray with a Grad-CAM heatmap over it: red/yellow areas influenced the
+predicted class ({explained_class}) most, blue areas least.
+
+In at most 120 words of plain text (no headings, no lists): say what the heatmap suggests the
+model looked at, whether those regions are plausible for this finding, and what could make the
+output unreliable. Do not state or confirm a diagnosis, do not recommend treatment, and end by
+reminding the reader that a qualified clinician must interpret the image."""
+
+
+def build_prompt(prediction: dict[str, Any], explained_class: str | None = None) -> str:
+    """The text part of the request, filled in with the prediction."""
+    probabilities = ", ".join(f"{c} {p:.1%}" for c, p in prediction["probabilities"].items())
+    return PROMPT.format(
+        predicted_class=prediction["predicted_class"],
+        confidence=prediction["confidence"],
+        probabilities=probabilities,
+        low_confidence="yes" if prediction.get("low_confidence") else "no",
+        explained_class=explained_class or prediction["predicted_class"],
+    )
+
+
+def _client(api_key: str, base_url: str | None, timeout_s: float):
+    from google import genai
+    from google.genai import types
+
+    # No retries: a retry after a 429 or a timeout would only push the answer past the deadline.
+    options = types.HttpOptions(base_url=base_url or None, timeout=int(timeout_s * 1000))
+    return genai.Client(api_key=api_key, http_options=options)
+
+
+def _generate(api_key: str, model: str, base_url: str | None, timeout_s: float, prompt: str, png: bytes) -> str | None:
+    from google.genai import types
+
+    response = _client(api_key, base_url, timeout_s).models.generate_content(
+        model=model,
+        contents=[types.Part.from_bytes(data=png, mime_type="image/png"), prompt],
+        config=types.GenerateContentConfig(temperature=0.2),
+    )
+    return response.text
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason, in words, for a failed call (never the request content)."""
+    from google.genai import errors
+
+    if isinstance(exc, errors.APIError):
+        if exc.code == 429:
+            return "Gemini quota exceeded (HTTP 429); try again later"
+        if exc.code in (401, 403):
+            return f"Gemini refused the API key (HTTP {exc.code})"
+        return f"Gemini API error (HTTP {exc.code})"
+    if "timeout" in type(exc).__name__.lower():
+        return "Gemini did not answer in time"
+    return f"Gemini call failed ({type(exc).__name__})"
+
+
+def explain_prediction(
+    prediction: dict[str, Any],
+    gradcam_png: bytes,
+    *,
+    api_key: str | None,
+    model: str = DEFAULT_MODEL,
+    base_url: str | None = None,
+    timeout_s: float = 10.0,
+    explained_class: str | None = None,
+) -> tuple[str | None, str | None]:
+    """Ask Gemini for a careful explanation of `prediction`; returns (text, None) or (None, reason)."""
+    if not api_key:
+        return None, "no Gemini API key configured (set GEMINI_API_KEY)"
+    prompt = build_prompt(prediction, explained_class)
+    future = _POOL.submit(_generate, api_key, model, base_url, timeout_s, prompt, gradcam_png)
+    try:
+        text = future.result(timeout=timeout_s + 1.0)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        return None, "Gemini did not answer in time"
+    except Exception as exc:  # any failure of an optional extra must not fail the prediction
+        reason = _reason(exc)
+        log.warning("gemini explanation unavailable: %s", reason)
+        return None, reason
+    if not isinstance(text, str) or not text.strip():
+        return None, "Gemini returned no usable text"
+    return text.strip(), None

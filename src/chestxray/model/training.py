@@ -1,0 +1,139 @@
+"""Training on a 2-core CPU: run the frozen part of the backbone once, then train on its cached output.
+
+The backbone is cut at `fine_tune_from` (see backbones.py). Everything below the cut is frozen, so
+its activations for each image (and for a few augmented views of each training image) are computed
+once. Phase 1 trains the head on pooled features; phase 2 unfreezes the layers above the cut and
+fine-tunes them with the head, all on the cached activations. The saved model is the whole network.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from chestxray.model.build import backbone_of, head_layers
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def get_strategy() -> tf.distribute.Strategy:
+    """Several GPUs: mirror across them; any GPU: mixed precision; CPU: the default strategy."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+
+
+def augmentation(params: dict, seed: int) -> keras.Sequential:
+    """Clinically plausible changes only: small rotation and shift, brightness, contrast, left-right flip.
+
+    Never a vertical flip: an upside-down chest X-ray is not something the model will be shown.
+    """
+    layers = []
+    if params.get("horizontal_flip", False):
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if params.get("rotation_deg", 0):
+        layers.append(keras.layers.RandomRotation(params["rotation_deg"] / 360.0, fill_mode="constant", seed=seed))
+    if params.get("shift", 0):
+        layers.append(keras.layers.RandomTranslation(params["shift"], params["shift"], fill_mode="constant", seed=seed))
+    if params.get("brightness", 0):
+        layers.append(keras.layers.RandomBrightness(params["brightness"], value_range=(0, 255), seed=seed))
+    if params.get("contrast", 0):
+        layers.append(keras.layers.RandomContrast(params["contrast"], seed=seed))
+    return keras.Sequential(layers, name="augmentation")
+
+
+@dataclass
+class SplitModel:
+    """The classifier cut in two: `bottom` (image -> cached activations) and `top` (activations -> probabilities)."""
+
+    bottom: keras.Model
+    top: keras.Model
+    pooled: keras.Model  # activations -> pooled features with the top frozen (phase 1 input)
+    head: keras.Model  # pooled features -> probabilities (phase 1)
+    top_layers: list[keras.layers.Layer]
+
+
+def split_model(model: keras.Model, fine_tune_from: str) -> SplitModel:
+    """Cut a build_model() classifier at the input of backbone layer `fine_tune_from`; all parts share weights."""
+    backbone = backbone_of(model)
+    cut = backbone.get_layer(fine_tune_from).input
+    below = keras.Model(backbone.input, cut)
+    above = keras.Model(cut, backbone.output)
+
+    image = keras.Input(model.input.shape[1:])
+    bottom = keras.Model(image, below(model.get_layer("pixel_scaling")(image)), name="bottom")
+
+    head_seq = head_layers(model)  # [pool, dropout, (hidden, dropout), probabilities]
+    maps = keras.Input(cut.shape[1:])
+    x = above(maps)
+    for layer in head_seq:
+        x = layer(x)
+    top = keras.Model(maps, x, name="top")
+    pooled = keras.Model(maps, head_seq[0](above(maps)), name="pooled")
+
+    features = keras.Input(pooled.output.shape[1:])
+    y = features
+    for layer in head_seq[1:]:
+        y = layer(y)
+    head = keras.Model(features, y, name="head")
+    return SplitModel(bottom, top, pooled, head, above.layers)
+
+
+def set_fine_tuning(split: SplitModel, enabled: bool) -> None:
+    """Train the layers above the cut (or freeze them). BatchNorm stays frozen: small batches would wreck its statistics."""
+    for layer in split.top_layers:
+        layer.trainable = enabled and not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def cache_activations(bottom: keras.Model, ds: tf.data.Dataset, dtype=np.float16) -> np.ndarray:
+    """Run the frozen bottom over a dataset once; float16 halves memory at no cost to accuracy here."""
+    out = [bottom(batch, training=False).numpy().astype(dtype) for batch in ds]
+    return np.concatenate(out)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """'Balanced' weights: each class contributes equally to the loss."""
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    return {k: float(len(labels) / (num_classes * c)) if c else 0.0 for k, c in enumerate(counts)}
+
+
+def make_loss(kind: str, gamma: float = 2.0) -> keras.losses.Loss:
+    """'weighted_ce' (cross-entropy, used with class weights) or 'focal' (focal loss, no class weights)."""
+    if kind == "focal":
+        return keras.losses.CategoricalFocalCrossentropy(gamma=gamma)
+    if kind == "weighted_ce":
+        return keras.losses.CategoricalCrossentropy()
+    raise ValueError(f"unknown train.loss {kind!r}; use 'weighted_ce' or 'focal'")
+
+
+def arrays_dataset(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int, shuffle_seed: int | None = None,
+                   weights: dict[int, float] | None = None) -> tf.data.Dataset:
+    """Cached activations (float16) and labels as a batched dataset, optionally shuffled and sample-weighted."""
+    items = [x, keras.utils.to_categorical(y, num_classes).astype(np.float32)]
+    if weights is not None:
+        items.append(np.array([weights[k] for k in y], np.float32))
+    ds = tf.data.Dataset.from_tensor_slices(tuple(items))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).map(lambda a, *rest: (tf.cast(a, tf.float32), *rest)).prefetch(AUTOTUNE)
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Collect per-epoch metrics across both phases and hand each epoch to `on_epoch` (e.g. MLflow)."""
+
+    def __init__(self, phase: str, history: list[dict], on_epoch: Callable[[dict, int], None] | None = None):
+        super().__init__()
+        self.phase, self.history, self.on_epoch = phase, history, on_epoch
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        lr = self.model.optimizer.learning_rate
+        row = {"phase": self.phase, "epoch": len(self.history) + 1,
+               **{k: float(v) for k, v in (logs or {}).items()},
+               "learning_rate": float(lr.numpy() if hasattr(lr, "numpy") else lr)}
+        self.history.append(row)
+        if self.on_epoch:
+            self.on_epoch(row, row["epoch"])

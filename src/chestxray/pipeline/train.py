@@ -1,0 +1,152 @@
+"""Stage 3, train: fit the classifier on the train split, pick the best epoch on validation, save it.
+
+    python -m chestxray.pipeline.train --data artifacts/data --base-model artifacts/base_model --out artifacts/training
+
+Opens the MLflow run for this pipeline run (evaluate joins it) and logs params, data digest and
+per-epoch metrics. See chestxray.model.training for why training runs on cached activations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from chestxray.pipeline.common import run_stage
+from chestxray.settings import load_config, load_params
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--config", default="config/config.yaml")
+    parser.add_argument("--data", default="artifacts/data")
+    parser.add_argument("--base-model", default="artifacts/base_model")
+    parser.add_argument("--out", default="artifacts/training")
+    args = parser.parse_args(argv)
+    run_stage(lambda: train(load_params(args.params), load_config(args.config), Path(args.data),
+                            Path(args.base_model), Path(args.out)))
+
+
+def _fit(model, train_ds, val_ds, epochs: int, optimizer, loss, phase: str, history: list, patience: int,
+         class_weight=None) -> None:
+    """Compile and fit one phase, keep the best epoch by validation AUC, and log every epoch to MLflow."""
+    import keras
+    import mlflow
+
+    from chestxray.model.training import EpochLogger
+
+    if epochs <= 0:
+        return
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy", keras.metrics.AUC(name="auc")])
+    with tempfile.TemporaryDirectory() as tmp:
+        best = Path(tmp) / "best.weights.h5"
+        model.fit(
+            train_ds, validation_data=val_ds, epochs=epochs, class_weight=class_weight, verbose=2,
+            callbacks=[
+                keras.callbacks.ModelCheckpoint(best, monitor="val_auc", mode="max", save_best_only=True,
+                                                save_weights_only=True),
+                keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience),
+                EpochLogger(phase, history, lambda row, step: mlflow.log_metrics(
+                    {k: v for k, v in row.items() if k not in ("phase", "epoch")}, step=step)),
+            ],
+        )
+        model.load_weights(best)
+
+
+def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path) -> None:
+    """Cache the frozen part's activations, train the head, fine-tune the top, save model + info + history."""
+    import keras
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    import chestxray.model.layers  # noqa: F401  (registers PixelScaling for loading)
+    from chestxray import tracking
+    from chestxray.model import training as T
+    from chestxray.data.dataset import image_dataset
+    from chestxray.model.backbones import get_backbone
+
+    tp, bp = params["train"], params["base_model"]
+    keras.utils.set_random_seed(tp["seed"])
+    report = json.loads((data_dir / "report.json").read_text())
+    classes, size, batch = report["classes"], bp["image_size"], tp["batch_size"]
+    manifest = pd.read_csv(data_dir / "manifest.csv")
+    splits = {s: manifest[manifest.split == s] for s in ("train", "val")}
+    paths = {s: [str(data_dir / p) for p in rows.path] for s, rows in splits.items()}
+    labels = {s: np.array([classes.index(c) for c in rows.label]) for s, rows in splits.items()}
+    fine_tune_from = tp["fine_tune_from"] if tp["fine_tune_from"] != "auto" else get_backbone(bp["backbone"]).fine_tune_from
+
+    out.mkdir(parents=True, exist_ok=True)
+    strategy = T.get_strategy()
+    with tracking.start_run(config, out / "mlflow_run.json", run_name=f"{bp['backbone']}-{size}px"):
+        mlflow.log_params(tracking.flatten({k: params[k] for k in ("data", "base_model", "train")}))
+        mlflow.log_params({"data.sha256": report["dataset_sha256"], "data.n_train": len(labels["train"]),
+                           "data.n_val": len(labels["val"]), "train.fine_tune_from_layer": fine_tune_from})
+        mlflow.log_artifact(str(data_dir / "report.json"), "data")
+        with strategy.scope():
+            model = keras.saving.load_model(base_dir / "base_model.keras", compile=False)
+            split = T.split_model(model, fine_tune_from)
+
+        started = time.perf_counter()
+        val_x = T.cache_activations(split.bottom, image_dataset(paths["val"], size, batch))
+        views = [T.cache_activations(split.bottom, image_dataset(paths["train"], size, batch))]
+        for view in range(tp["augment_views"]):
+            augment = T.augmentation(tp["augment"], seed=tp["seed"] + view)
+            views.append(T.cache_activations(split.bottom, image_dataset(paths["train"], size, batch, augment)))
+        train_x, train_y = np.concatenate(views), np.tile(labels["train"], len(views))
+        del views
+        cache_s = time.perf_counter() - started
+        print(f"cached activations {train_x.shape} (train, {1 + tp['augment_views']} views) "
+              f"and {val_x.shape} (val) in {cache_s:.0f}s", flush=True)
+
+        n = len(classes)
+        weights = T.class_weights(train_y, n) if tp["loss"] == "weighted_ce" else None
+        loss = T.make_loss(tp["loss"], tp.get("focal_gamma", 2.0))
+        history: list[dict] = []
+
+        # Phase 1: head only, on pooled features of the frozen top (seconds per epoch).
+        T.set_fine_tuning(split, False)
+        pooled_train = split.pooled.predict(train_x, batch_size=64, verbose=0)
+        pooled_val = split.pooled.predict(val_x, batch_size=64, verbose=0)
+        with strategy.scope():
+            _fit(split.head, T.arrays_dataset(pooled_train, train_y, n, batch, tp["seed"]),
+                 T.arrays_dataset(pooled_val, labels["val"], n, batch), tp["head_epochs"],
+                 keras.optimizers.Adam(tp["head_lr"]), loss, "head", history, tp["patience"], weights)
+
+        # Phase 2: unfreeze the layers above the cut and fine-tune them with the head.
+        T.set_fine_tuning(split, True)
+        steps = -(-len(train_x) // batch) * max(tp["fine_tune_epochs"], 1)
+        with strategy.scope():
+            _fit(split.top, T.arrays_dataset(train_x, train_y, n, batch, tp["seed"]),
+                 T.arrays_dataset(val_x, labels["val"], n, batch), tp["fine_tune_epochs"],
+                 keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(tp["fine_tune_lr"], steps)),
+                 loss, "fine_tune", history, tp["patience"], weights)
+        train_s = time.perf_counter() - started
+
+        model.save(out / "model.keras")
+        info = {
+            "classes": classes,
+            "normal_class": params["data"].get("normal_class", "NORMAL") if "NORMAL" in classes else None,
+            "image_size": size,
+            "backbone": bp["backbone"],
+            "fine_tune_from": fine_tune_from,
+            "preprocessing": {"color": "grayscale, repeated to 3 channels", "resize": "area, aspect ratio not kept",
+                              "input_range": [0, 255], "pixel_scaling": get_backbone(bp["backbone"]).scaling},
+            "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dataset_sha256": report["dataset_sha256"],
+            "mlflow_run_id": mlflow.active_run().info.run_id,
+        }
+        (out / "model_info.json").write_text(json.dumps(info, indent=2))
+        (out / "history.json").write_text(json.dumps(history, indent=2))
+        pd.DataFrame(history).to_csv(out / "history.csv", index=False)
+        mlflow.log_metrics({"time.cache_s": cache_s, "time.train_s": train_s})
+        mlflow.log_artifact(str(out / "history.csv"), "training")
+        print(f"trained in {train_s:.0f}s; best val_auc {max(h.get('val_auc', 0) for h in history):.4f} "
+              f"-> {out / 'model.keras'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Serving configuration: the environment (and a `.env` file), with defaults, overridable per app."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Accepted image sides in pixels: smaller is too little detail for a chest X-ray, larger is not an X-ray export.
+MIN_SIDE = 128
+MAX_SIDE = 4096
+
+# name -> (type, default). Keys are the environment variable names and the Flask config keys.
+SETTINGS: dict[str, tuple[type, Any]] = {
+    "CHESTXRAY_ARTIFACTS": (str, "artifacts"),
+    "CHESTXRAY_MODEL_URI": (str, ""),
+    "CHESTXRAY_MAX_BATCH": (int, 10),
+    "CHESTXRAY_MAX_UPLOAD_MB": (float, 10.0),
+    "GEMINI_API_KEY": (str, ""),
+    "GEMINI_MODEL": (str, "gemini-2.5-flash"),
+    "GEMINI_BASE_URL": (str, ""),
+    "GEMINI_TIMEOUT_S": (float, 10.0),
+}
+
+
+def _convert(name: str, value: Any) -> Any:
+    kind = SETTINGS[name][0]
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a valid {kind.__name__}") from None
+
+
+def load_settings(overrides: dict[str, Any] | None = None, dotenv: bool = True) -> dict[str, Any]:
+    """Settings from defaults < `.env` (current directory upwards) < environment < `overrides`."""
+    if dotenv:
+        from dotenv import find_dotenv, load_dotenv
+
+        load_dotenv(find_dotenv(usecwd=True), override=False)
+    settings = {}
+    for name, (_, default) in SETTINGS.items():
+        raw = os.environ.get(name, "")
+        settings[name] = _convert(name, raw) if raw.strip() else default
+    for name, value in (overrides or {}).items():
+        settings[name] = _convert(name, value) if name in SETTINGS and value is not None else value
+    return settings
+
+
+def parse_model_uri(uri: str) -> tuple[str, str]:
+    """`models:/<name>@<alias>` -> (name, alias)."""
+    prefix = "models:/"
+    if not uri.startswith(prefix) or "@" not in uri:
+        raise ValueError(f"CHESTXRAY_MODEL_URI={uri!r}: expected models:/<name>@<alias>, e.g. models:/chestxray@champion")
+    name, alias = uri[len(prefix):].split("@", 1)
+    if not name or not alias:
+        raise ValueError(f"CHESTXRAY_MODEL_URI={uri!r}: expected models:/<name>@<alias>")
+    return name, alias

@@ -1,0 +1,22 @@
+"""The web page: upload X-rays, see predictions, Grad-CAM overlays and explanations (it calls the JSON API)."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, render_template
+
+from chestxray.serving.config import MAX_SIDE, MIN_SIDE
+
+bp = Blueprint("pages", __name__)
+
+
+@bp.get("/")
+def index():
+    """The single page; all work happens in static/app.js against /predict/explain."""
+    state = current_app.extensions["chestxray"]
+    return render_template(
+        "index.html",
+        model_error=state.error,
+        model_version=state.classifier.version if state.classifier is not None else None,
+        max_upload_mb=current_app.config["CHESTXRAY_MAX_UPLOAD_MB"],
+        min_side=MIN_SIDE,
+        max_side=MAX_SIDE,
+    )

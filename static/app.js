@@ -1,0 +1,138 @@
+// The page: send each chosen file to /predict/explain, one after another, and show the answer.
+"use strict";
+
+const drop = document.getElementById("drop");
+const input = document.getElementById("files");
+const results = document.getElementById("results");
+const template = document.getElementById("result-template");
+const maxUploadMb = parseFloat(drop.dataset.maxUploadMb || "10");
+
+let queue = Promise.resolve();
+
+function percent(p) {
+  return (100 * p).toFixed(1) + "%";
+}
+
+function showError(card, message) {
+  card.querySelector(".status").hidden = true;
+  const error = card.querySelector(".error");
+  error.textContent = message;
+  error.hidden = false;
+  card.classList.add("failed");
+}
+
+function renderBars(container, probabilities, predicted) {
+  container.replaceChildren();
+  for (const [name, p] of Object.entries(probabilities)) {
+    const row = document.createElement("div");
+    row.className = "bar-row" + (name === predicted ? " predicted" : "");
+    row.dataset.class = name;
+    const label = document.createElement("span");
+    label.className = "bar-label";
+    label.textContent = name;
+    const track = document.createElement("span");
+    track.className = "bar-track";
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.style.width = percent(p);
+    track.appendChild(bar);
+    const value = document.createElement("span");
+    value.className = "bar-value";
+    value.textContent = percent(p);
+    row.append(label, track, value);
+    container.appendChild(row);
+  }
+}
+
+function renderResult(card, data, originalUrl) {
+  card.querySelector(".status").hidden = true;
+  card.querySelector(".body").hidden = false;
+  card.querySelector(".predicted-class").textContent = data.predicted_class;
+  card.querySelector(".confidence").textContent = "(" + percent(data.confidence) + " confidence)";
+  card.querySelector(".low-confidence").hidden = !data.low_confidence;
+  if (data.low_confidence) card.classList.add("is-low-confidence");
+  renderBars(card.querySelector(".bars"), data.probabilities, data.predicted_class);
+
+  const picture = card.querySelector(".picture");
+  const toggle = card.querySelector(".overlay-toggle");
+  const overlayUrl = "data:image/png;base64," + data.gradcam_png;
+  toggle.disabled = false;
+  card.querySelector(".gradcam-note").textContent = "(heatmap for " + data.gradcam_class + ")";
+  const show = () => {
+    const useOverlay = toggle.checked || !originalUrl;
+    picture.src = useOverlay ? overlayUrl : originalUrl;
+    picture.alt = useOverlay ? "Grad-CAM overlay on the X-ray" : "uploaded X-ray";
+    card.classList.toggle("showing-overlay", useOverlay);
+  };
+  toggle.addEventListener("change", show);
+  if (!originalUrl) toggle.checked = true; // e.g. DICOM: the browser cannot show the original
+  show();
+
+  const text = card.querySelector(".explanation");
+  const missing = card.querySelector(".explanation-missing");
+  text.textContent = data.explanation || "";
+  text.hidden = !data.explanation;
+  missing.textContent = data.explanation ? "" : "No explanation: " + (data.explanation_error || "unavailable");
+  missing.hidden = Boolean(data.explanation);
+  card.querySelector(".meta").textContent =
+    "Model " + data.model_version + " · " + data.inference_time_ms + " ms";
+  card.classList.add("done");
+}
+
+async function predict(file, card) {
+  card.querySelector(".status").textContent = "Analysing…";
+  if (file.size > maxUploadMb * 1024 * 1024) {
+    showError(card, "The file is larger than " + maxUploadMb + " MB.");
+    return;
+  }
+  const form = new FormData();
+  form.append("file", file);
+  let response;
+  try {
+    response = await fetch("predict/explain", { method: "POST", body: form });
+  } catch (err) {
+    showError(card, "Could not reach the server (" + err.message + ").");
+    return;
+  }
+  let data = null;
+  try {
+    data = await response.json();
+  } catch (err) {
+    showError(card, "The server answered " + response.status + " without a readable result.");
+    return;
+  }
+  if (!response.ok) {
+    showError(card, data.message || data.error || "The server refused this file.");
+    return;
+  }
+  const browserCanShow = /^image\/(jpeg|png)$/.test(file.type);
+  renderResult(card, data, browserCanShow ? URL.createObjectURL(file) : null);
+}
+
+function addFiles(files) {
+  for (const file of files) {
+    const card = template.content.firstElementChild.cloneNode(true);
+    card.querySelector(".file-name").textContent = file.name;
+    results.appendChild(card);
+    queue = queue.then(() => predict(file, card)); // one at a time: the server has few cores
+  }
+}
+
+input.addEventListener("change", () => {
+  addFiles(Array.from(input.files));
+  input.value = "";
+});
+
+for (const name of ["dragenter", "dragover"]) {
+  drop.addEventListener(name, (event) => {
+    event.preventDefault();
+    drop.classList.add("dragging");
+  });
+}
+for (const name of ["dragleave", "drop"]) {
+  drop.addEventListener(name, () => drop.classList.remove("dragging"));
+}
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  addFiles(Array.from(event.dataTransfer.files));
+});
