@@ -55,17 +55,20 @@ function renderResult(card, data, originalUrl) {
 
   const picture = card.querySelector(".picture");
   const toggle = card.querySelector(".overlay-toggle");
-  const overlayUrl = "data:image/png;base64," + data.gradcam_png;
-  toggle.disabled = false;
-  card.querySelector(".gradcam-note").textContent = "(heatmap for " + data.gradcam_class + ")";
+  const overlayUrl = data.gradcam_png ? "data:image/png;base64," + data.gradcam_png : null;
+  toggle.disabled = !overlayUrl;
+  card.querySelector(".gradcam-note").textContent =
+    overlayUrl ? "(heatmap for " + data.gradcam_class + ")" : "(no heatmap available)";
   const show = () => {
-    const useOverlay = toggle.checked || !originalUrl;
-    picture.src = useOverlay ? overlayUrl : originalUrl;
+    const useOverlay = Boolean(overlayUrl) && (toggle.checked || !originalUrl);
+    const url = useOverlay ? overlayUrl : originalUrl;
+    picture.hidden = !url;
+    if (url) picture.src = url;
     picture.alt = useOverlay ? "Grad-CAM overlay on the X-ray" : "uploaded X-ray";
     card.classList.toggle("showing-overlay", useOverlay);
   };
   toggle.addEventListener("change", show);
-  if (!originalUrl) toggle.checked = true; // e.g. DICOM: the browser cannot show the original
+  if (!originalUrl && overlayUrl) toggle.checked = true; // e.g. DICOM: the browser cannot show the original
   show();
 
   const text = card.querySelector(".explanation");

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from chestxray.data.sources import DataSourceError
+from chestxray.data.sources import DataSourceError, extract, find_dataset_root
 from chestxray.data.split import patient_classes, patient_id, split_patients
 from chestxray.data.validate import validate_file
 from chestxray.pipeline.ingest import MANIFEST_COLUMNS, ingest
@@ -72,8 +72,9 @@ def make_zip(folder: Path, dest: Path, prefix: str = "chest_xray/chest_xray") ->
     with zipfile.ZipFile(dest, "w") as zf:
         for f in sorted(folder.rglob("*")):
             if f.is_file():
-                zf.write(f, f"{prefix}/{f.relative_to(folder).as_posix()}")
-                zf.writestr(f"__MACOSX/{prefix}/{f.relative_to(folder).parent.as_posix()}/._{f.name}", b"\x00\x05\x16\x07")
+                name = f"{prefix}/{f.relative_to(folder).as_posix()}"
+                zf.write(f, name)
+                zf.writestr(f"__MACOSX/{Path(name).parent.as_posix()}/._{f.name}", b"\x00\x05\x16\x07")
     return dest
 
 
@@ -205,18 +206,62 @@ def test_archive_ingest_matches_folder(subset, tmp_path, make):
     assert report["rejected"] == []  # the __MACOSX entries were skipped, not rejected
 
 
+def test_extract_skips_macos_folders(subset, tmp_path):
+    folder = extract(make_zip(subset, tmp_path / "data.zip"), tmp_path / "x", "data.zip")
+    assert sorted(p.name for p in folder.iterdir()) == ["chest_xray"]
+    assert find_dataset_root(folder, "data.zip") == folder / "chest_xray" / "chest_xray"
+
+
 def test_http_archives(subset, tmp_path, http_dir):
     www, base = http_dir
     expected = ingest(data_params(subset), tmp_path / "from_folder")["dataset_sha256"]
     zipped = make_zip(subset, www / "chest_xray.zip")
     checksum = "sha256:" + hashlib.sha256(zipped.read_bytes()).hexdigest()
-    assert ingest(data_params(f"{base}/chest_xray.zip", checksum=checksum), tmp_path / "zip")["dataset_sha256"] == expected
+    report = ingest(data_params(f"{base}/chest_xray.zip", checksum=checksum), tmp_path / "zip")
+    assert report["dataset_sha256"] == expected
     make_targz(subset, www / "download")  # no extension in the URL: the archive type comes from its bytes
     assert ingest(data_params(f"{base}/download?version=1"), tmp_path / "tgz")["dataset_sha256"] == expected
 
     with pytest.raises(DataSourceError, match="HTTP 404"):
         ingest(data_params(f"{base}/nothing.zip"), tmp_path / "missing")
     assert not (tmp_path / "missing").exists()
+
+
+class _ShortBodyHandler(http.server.BaseHTTPRequestHandler):
+    """Promises more bytes than it sends, like a connection dropped mid-download."""
+
+    def do_GET(self) -> None:
+        body = b"PK\x03\x04" + bytes(1000)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body) + 5000))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_incomplete_download_is_an_error(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ShortBodyHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/data.zip"
+        with pytest.raises(DataSourceError, match="could not download|incomplete"):
+            ingest(data_params(url), tmp_path / "artifacts" / "data")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert list((tmp_path / "artifacts").iterdir()) == []  # no partial download left behind
+
+
+@pytest.mark.parametrize("make", [make_zip, make_targz], ids=["zip", "tar.gz"])
+def test_damaged_archive_is_an_error(subset, tmp_path, make):
+    archive = make(subset, tmp_path / "data.archive")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(DataSourceError, match="damaged archive"):
+        ingest(data_params(archive), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_checksum_mismatch_names_both_digests_and_writes_nothing(subset, tmp_path):
@@ -323,8 +368,10 @@ def test_full_kermany224(kermany224, tmp_path):
     rows = read_manifest(tmp_path / "data")
 
     dropped = (len(report["rejected"]) + report["patient_overlap"]["images_dropped"]
-               + sum(len(v) for v in report["duplicates"].values()))
+               + sum(d["action"] == "dropped" for v in report["duplicates"].values() for d in v))
     assert len(rows) == len(source_files) - dropped
+    # The official test split is the published benchmark: every one of its files stays.
+    assert sum(r["split"] == "test" for r in rows) == len(list(kermany224.glob("test/*/*.jpeg")))
     assert sum(n for counts in report["counts"].values() for n in counts.values()) == len(rows)
     assert report["patient_overlap"]["patients"] > 0
     assert_no_shared_patients(rows)

@@ -89,10 +89,13 @@ def download_url(url: str, folder: Path, timeout: tuple[float, float] = DOWNLOAD
         raise DataSourceError(f"could not download {url}: HTTP {status}: check the URL or {HINT}") from None
     except requests.RequestException as exc:
         part.unlink(missing_ok=True)
-        raise DataSourceError(f"could not download {url} ({_request_reason(exc)}): check the URL and the network, or {HINT}") from None
+        reason = _request_reason(exc)
+        advice = f"check the URL and the network, or {HINT}"
+        raise DataSourceError(f"could not download {url} ({reason}): {advice}") from None
     if expected is not None and size != int(expected):
         part.unlink(missing_ok=True)
-        raise DataSourceError(f"download of {url} is incomplete ({size:,} of {int(expected):,} bytes): retry, or {HINT}")
+        got = f"{size:,} of {int(expected):,} bytes"
+        raise DataSourceError(f"download of {url} is incomplete ({got}): retry, or {HINT}")
     return part.rename(target)
 
 
@@ -101,18 +104,18 @@ def download_drive(source: str, folder: Path, timeout: tuple[float, float] = DOW
     import gdown
 
     part = folder / "drive-download.part"
-    by_id = not source.startswith(("http://", "https://"))
+    advice = f"check the link and that it is shared with 'anyone with the link', or {HINT}"
+    # gdown finds the file id in share links itself (/file/d/<id>/view, open?id=<id>, uc?id=<id>).
+    where = {"url": source} if source.startswith(("http://", "https://")) else {"id": source}
     try:
-        if by_id:
-            result = gdown.download(id=source, output=str(part), quiet=True, timeout=timeout)
-        else:
-            result = gdown.download(url=source, output=str(part), quiet=True, fuzzy=True, timeout=timeout)
+        result = gdown.download(**where, output=str(part), quiet=True, timeout=timeout)
     except Exception as exc:  # gdown raises its own errors, requests' errors and OSError
         part.unlink(missing_ok=True)
-        reason = _one_line(exc) or exc.__class__.__name__
-        raise DataSourceError(f"could not download Google Drive file {source} ({reason}): share it as 'anyone with the link', or {HINT}") from None
+        reason = _request_reason(exc) if isinstance(exc, requests.RequestException) else _one_line(exc)
+        reason = reason or exc.__class__.__name__
+        raise DataSourceError(f"could not download Google Drive file {source} ({reason}): {advice}") from None
     if not result or not part.is_file():
-        raise DataSourceError(f"could not download Google Drive file {source}: share it as 'anyone with the link', or {HINT}")
+        raise DataSourceError(f"could not download Google Drive file {source}: {advice}")
     return part.rename(folder / "drive-download")
 
 
@@ -120,7 +123,8 @@ def verify_checksum(path: Path, checksum: str, source: str) -> None:
     """Check a file against `checksum` ("sha256:<hex>"); a mismatch names both digests."""
     algorithm, _, expected = str(checksum).partition(":")
     if algorithm.lower() != "sha256" or not re.fullmatch(r"[0-9a-fA-F]{64}", expected):
-        raise DataSourceError(f"data.checksum {checksum!r} is not 'sha256:<64 hex digits>': set data.checksum in params.yaml to that form or to null")
+        raise DataSourceError(f"data.checksum {checksum!r} is not 'sha256:<64 hex digits>': "
+                              "set data.checksum in params.yaml to that form or to null")
     actual = file_sha256(path)
     if actual != expected.lower():
         raise DataSourceError(
@@ -155,6 +159,11 @@ def _extract_tar(archive: Path, folder: Path, source: str) -> None:
             raise DataSourceError(f"{source} holds an unsafe member ({_one_line(exc)}): {HINT}") from None
 
 
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
 def extract(archive: Path, folder: Path, source: str) -> Path:
     """Extract a .zip or .tar(.gz/.bz2/.xz) archive (recognised by content) into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -163,10 +172,13 @@ def extract(archive: Path, folder: Path, source: str) -> Path:
             _extract_zip(archive, folder, source)
         elif tarfile.is_tarfile(archive):
             _extract_tar(archive, folder, source)
+        elif _starts_with(archive, b"PK\x03\x04"):
+            raise zipfile.BadZipFile("a zip without its central directory: cut short?")
         else:
             raise DataSourceError(f"{source} is not a folder or a .zip/.tar archive: {HINT}")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as exc:
-        raise DataSourceError(f"{source} is a damaged archive ({_one_line(exc) or exc.__class__.__name__}): {HINT}") from None
+        reason = _one_line(exc) or exc.__class__.__name__
+        raise DataSourceError(f"{source} is a damaged archive ({reason}): {HINT}") from None
     return folder
 
 
@@ -210,7 +222,8 @@ def fetch(source: str, workdir: Path, checksum: str | None = None) -> Path:
     kind = source_kind(source)
     if kind == "folder":
         if checksum:
-            raise DataSourceError(f"data.checksum applies to an archive but data.source {source} is a folder: set data.checksum in params.yaml to null")
+            raise DataSourceError(f"data.checksum applies to an archive but data.source {source} is a folder: "
+                                  "set data.checksum in params.yaml to null")
         return find_dataset_root(Path(source).expanduser(), source)
     downloads = workdir / "download"
     downloads.mkdir(parents=True, exist_ok=True)

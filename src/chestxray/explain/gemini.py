@@ -13,6 +13,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemini-2.5-flash"
+API_VERSION = "v1beta"  # POST {base_url}/v1beta/models/{model}:generateContent
 # The SDK's timeout bounds each network read; this pool bounds the whole call, including a server
 # that trickles bytes. A call that overruns is abandoned (it ends on the SDK's own timeout).
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="gemini")
@@ -51,20 +52,25 @@ def _client(api_key: str, base_url: str | None, timeout_s: float):
     from google import genai
     from google.genai import types
 
-    # No retries: a retry after a 429 or a timeout would only push the answer past the deadline.
-    options = types.HttpOptions(base_url=base_url or None, timeout=int(timeout_s * 1000))
+    # No retries (the SDK default): a retry after a 429 or a timeout would only push past the deadline.
+    # The API version is pinned because SDK releases have changed their default (v1beta vs v1).
+    options = types.HttpOptions(base_url=base_url or None, api_version=API_VERSION, timeout=int(timeout_s * 1000))
     return genai.Client(api_key=api_key, http_options=options)
 
 
 def _generate(api_key: str, model: str, base_url: str | None, timeout_s: float, prompt: str, png: bytes) -> str | None:
     from google.genai import types
 
-    response = _client(api_key, base_url, timeout_s).models.generate_content(
-        model=model,
-        contents=[types.Part.from_bytes(data=png, mime_type="image/png"), prompt],
-        config=types.GenerateContentConfig(temperature=0.2),
-    )
-    return response.text
+    client = _client(api_key, base_url, timeout_s)  # keep a reference: a collected client closes its connection
+    try:
+        response = client.models.generate_content(
+            model=model,
+            contents=[types.Part.from_bytes(data=png, mime_type="image/png"), prompt],
+            config=types.GenerateContentConfig(temperature=0.2),
+        )
+        return response.text
+    finally:
+        client.close()
 
 
 def _reason(exc: BaseException) -> str:

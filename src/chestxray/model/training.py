@@ -91,7 +91,8 @@ def set_fine_tuning(split: SplitModel, enabled: bool) -> None:
 
 def cache_activations(bottom: keras.Model, ds: tf.data.Dataset, dtype=np.float16) -> np.ndarray:
     """Run the frozen bottom over a dataset once; float16 halves memory at no cost to accuracy here."""
-    out = [bottom(batch, training=False).numpy().astype(dtype) for batch in ds]
+    run = tf.function(lambda batch: bottom(batch, training=False), reduce_retracing=True)  # graph mode: faster, no eager leaks
+    out = [run(batch).numpy().astype(dtype) for batch in ds]
     return np.concatenate(out)
 
 

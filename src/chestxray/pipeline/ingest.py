@@ -63,21 +63,27 @@ def scan(root: Path) -> tuple[list[str], list[tuple[Path, str, str]], list[Path]
                 stray.append(entry)
                 continue
             classes.add(entry.name)
-            files += [(f, entry.name, origin) for f in sorted(entry.rglob("*")) if f.is_file() and not _is_hidden(f, entry)]
+            inside = sorted(f for f in entry.rglob("*") if f.is_file() and not _is_hidden(f, entry))
+            files += [(f, entry.name, origin) for f in inside]
     return sorted(classes), files, stray
 
 
 def read_images(root: Path, files: list[tuple[Path, str, str]], stray: list[Path], min_size: int,
                 staging: Path) -> tuple[list[Item], list[dict[str, str]]]:
-    """Validate every file (one read each: the same bytes give the sha256 and are staged); return accepted and rejected."""
+    """Validate every file and return (accepted, rejected).
+
+    Each file is read once: the same bytes are validated, hashed and written to `staging`.
+    """
     staging.mkdir(parents=True)
-    items, rejected = [], [{"file": f.relative_to(root).as_posix(), "reason": "not inside a class folder"} for f in stray]
+    items = []
+    rejected = [{"file": f.relative_to(root).as_posix(), "reason": "not inside a class folder"} for f in stray]
     for index, (path, label, origin) in enumerate(files):
         relative = path.relative_to(root).as_posix()
         try:
             data = path.read_bytes()
         except OSError as exc:
-            rejected.append({"file": relative, "reason": f"cannot read file ({exc.strerror or exc.__class__.__name__})"})
+            reason = f"cannot read file ({exc.strerror or exc.__class__.__name__})"
+            rejected.append({"file": relative, "reason": reason})
             continue
         check = validate_bytes(data, min_size)
         if not check.ok:
@@ -110,7 +116,12 @@ def assign_splits(items: list[Item], val_fraction: float, test_fraction: float, 
 
 
 def drop_duplicates(items: list[Item]) -> tuple[list[Item], dict[str, list[dict[str, str]]]]:
-    """Keep one copy of each exact duplicate: the test copy first, then val, then train; within a split, the first file."""
+    """Keep one copy of each exact duplicate file and report the others.
+
+    The copy kept is the test one if any, else val, else train; within a split, the first by path.
+    Duplicates inside the official test split are reported but kept: that split is the published
+    benchmark and must stay exactly as released.
+    """
     priority = {"test": 0, "val": 1, "train": 2}
     by_digest: dict[str, list[Item]] = defaultdict(list)
     for item in items:
@@ -121,9 +132,12 @@ def drop_duplicates(items: list[Item]) -> tuple[list[Item], dict[str, list[dict[
         keep, *rest = sorted(group, key=lambda i: (priority[i.split], i.file))
         for item in rest:
             kind = "within_split" if item.split == keep.split else "across_splits"
+            kept = item.split == "test"
             report[kind].append({"file": item.file, "split": item.split, "duplicate_of": keep.file,
-                                 "duplicate_split": keep.split, "sha256": item.sha256})
-            dropped.add(id(item))
+                                 "duplicate_split": keep.split, "sha256": item.sha256,
+                                 "action": "kept (official test split)" if kept else "dropped"})
+            if not kept:
+                dropped.add(id(item))
     for entries in report.values():
         entries.sort(key=lambda e: e["file"])
     return [i for i in items if id(i) not in dropped], report
@@ -175,17 +189,21 @@ def ingest(data: dict[str, Any], out: Path) -> dict[str, Any]:
         root = fetch(source, work / "fetch", data.get("checksum"))
         classes, files, stray = scan(root)
         if len(classes) < 2:
-            raise DataSourceError(f"data.source {source} holds {len(classes)} class folder(s), a classifier needs at least 2: point data.source at the folder above the class folders")
+            raise DataSourceError(f"data.source {source} holds {len(classes)} class folder(s) and a classifier needs "
+                                  "at least 2: point data.source at the folder above the class folders")
         items, rejected = read_images(root, files, stray, int(data["min_size"]), work / "staged")
         if not any(i.origin != "test" for i in items):
-            raise DataSourceError(f"data.source {source} has no usable training images: point data.source at a dataset with a train split or class folders")
+            raise DataSourceError(f"data.source {source} has no usable training images: point data.source at a "
+                                  "dataset with a train split or class folders")
         items, overlap = drop_patient_overlap(items, policy)
         assign_splits(items, float(data["val_fraction"]), float(data.get("test_fraction", 0)), seed)
         items, duplicates = drop_duplicates(items)
         result = work / "out"
         rows = write_images(items, result)
         digest = write_manifest(rows, result / "manifest.csv")
-        counts = {s: {c: sum(1 for r in rows if r["split"] == s and r["label"] == c) for c in classes} for s in SPLIT_ORDER}
+        counts = {s: {c: 0 for c in classes} for s in SPLIT_ORDER}
+        for row in rows:
+            counts[row["split"]][row["label"]] += 1
         report = {"classes": classes, "counts": counts, "rejected": rejected, "duplicates": duplicates,
                   "patient_overlap": overlap, "source": source, "dataset_sha256": digest, "seed": seed}
         (result / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -202,9 +220,11 @@ def summary(report: dict[str, Any], out: Path) -> str:
     lines = [f"{split:<5} " + "  ".join(f"{c} {n:,}" for c, n in counts.items()) + f"  (total {sum(counts.values()):,})"
              for split, counts in report["counts"].items()]
     dup, overlap = report["duplicates"], report["patient_overlap"]
-    lines.append(f"rejected {len(report['rejected'])}; duplicates dropped {len(dup['within_split'])} within and "
-                 f"{len(dup['across_splits'])} across splits; patient overlap with test: {overlap['patients']} patients, "
-                 f"{overlap['images_dropped']} train images dropped ({overlap['policy']})")
+    dropped = {kind: sum(d["action"] == "dropped" for d in found) for kind, found in dup.items()}
+    lines.append(f"rejected {len(report['rejected'])}; duplicates dropped {dropped['within_split']} within and "
+                 f"{dropped['across_splits']} across splits; patient overlap with test: "
+                 f"{overlap['patients']} patients, {overlap['images_dropped']} train images dropped "
+                 f"({overlap['policy']})")
     lines.append(f"wrote {out}/manifest.csv and {out}/report.json (dataset sha256 {report['dataset_sha256'][:12]})")
     return "\n".join(lines)
 

@@ -1,0 +1,343 @@
+"""The JSON API: every endpoint via the test client, a real server over HTTP, bad uploads, consistency."""
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from chestxray.serving import create_app
+
+CLASSES = ["NORMAL", "PNEUMONIA"]
+PREDICTION_KEYS = {"predicted_class", "confidence", "probabilities", "low_confidence", "warnings",
+                   "model_version", "inference_time_ms"}
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """Serve `app` on 127.0.0.1 (a free port) in a thread; yields the base URL."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def dicom_bytes(gray: np.ndarray) -> bytes:
+    """A minimal single-frame 16-bit MONOCHROME2 DICOM file holding `gray`."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = gray.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (gray.astype(np.uint16) * 16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def app(tiny_artifacts):
+    return create_app({"CHESTXRAY_ARTIFACTS": str(tiny_artifacts), "GEMINI_API_KEY": ""})
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def xrays(fullsize_dir) -> list[Path]:
+    return sorted(fullsize_dir.glob("*/*.jpeg"))
+
+
+@pytest.fixture(scope="module")
+def xray(xrays) -> bytes:
+    return xrays[-1].read_bytes()
+
+
+def upload(data: bytes, name: str = "scan.jpeg", field: str = "file") -> dict:
+    return {field: (io.BytesIO(data), name)}
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    """A JSON error with a code and a message in words, never HTML."""
+    assert response.status_code == status, response.data[:300]
+    assert response.is_json, response.data[:300]
+    body = response.get_json()
+    assert set(body) >= {"error", "message"}
+    assert len(body["message"].split()) >= 2, body
+    if code:
+        assert body["error"] == code, body
+    return body
+
+
+def assert_prediction(body: dict) -> None:
+    assert PREDICTION_KEYS <= set(body)
+    assert body["predicted_class"] in CLASSES
+    assert list(body["probabilities"]) == CLASSES
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert body["confidence"] == pytest.approx(body["probabilities"][body["predicted_class"]])
+    assert body["low_confidence"] == ("low_confidence" in body["warnings"])
+
+
+# --- endpoints ----------------------------------------------------------------------------------
+
+def test_health_ready(client):
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.get_json()["status"] == "ready"
+    assert response.get_json()["model_version"].startswith("sha256:")
+
+
+def test_model_info(client):
+    body = client.get("/model/info").get_json()
+    assert body["classes"] == CLASSES
+    assert body["input_size"] == [96, 96, 3]
+    assert body["backbone"] == "mobilenetv2"
+    assert body["trained_at"].startswith("2026-01-01")
+    assert body["test_metrics"] == {"accuracy": 0.5, "roc_auc": 0.5}
+    assert body["thresholds"] == {"decision_threshold": 0.5, "low_confidence": 0.6}
+    assert body["model_version"].startswith("sha256:")
+
+
+def test_predict_jpeg(client, xray):
+    response = client.post("/predict", data=upload(xray))
+    assert response.status_code == 200
+    assert_prediction(response.get_json())
+
+
+def test_predict_png_rgb_and_dicom_agree_with_jpeg(client, xray):
+    """The same X-ray as grayscale PNG, RGB PNG and DICOM is accepted and predicted alike."""
+    gray = cv2.imdecode(np.frombuffer(xray, np.uint8), cv2.IMREAD_GRAYSCALE)
+    reference = client.post("/predict", data=upload(xray)).get_json()["probabilities"]
+    variants = {"gray.png": png_bytes(gray), "rgb.png": png_bytes(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)),
+                "scan.dcm": dicom_bytes(gray)}
+    for name, data in variants.items():
+        response = client.post("/predict", data=upload(data, name))
+        assert response.status_code == 200, (name, response.get_json())
+        body = response.get_json()
+        assert_prediction(body)
+        for cls in CLASSES:
+            assert body["probabilities"][cls] == pytest.approx(reference[cls], abs=0.05), name
+
+
+def test_predict_batch_keeps_order_with_errors(client, xrays):
+    files = [(io.BytesIO(xrays[0].read_bytes()), "a.jpeg"), (io.BytesIO(b"not an image"), "b.jpg"),
+             (io.BytesIO(xrays[-1].read_bytes()), "c.jpeg"), (io.BytesIO(b""), "d.png")]
+    response = client.post("/predict/batch", data={"files": files})
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["count"] == 4 and body["errors"] == 2
+    results = body["results"]
+    assert [r["index"] for r in results] == [0, 1, 2, 3]
+    assert_prediction(results[0])
+    assert_prediction(results[2])
+    assert results[1]["error"] == "unsupported_type" and results[1]["message"]
+    assert results[3]["error"] == "empty_file" and results[3]["message"]
+    single = client.post("/predict", data=upload(xrays[-1].read_bytes())).get_json()
+    assert results[2]["probabilities"] == pytest.approx(single["probabilities"], abs=1e-5)
+
+
+def test_predict_batch_too_many_files(client, xray, app):
+    n = app.config["CHESTXRAY_MAX_BATCH"] + 1
+    response = client.post("/predict/batch", data={"files": [(io.BytesIO(xray), f"{i}.jpeg") for i in range(n)]})
+    assert_error(response, 400, "too_many_files")
+
+
+def test_predict_batch_missing_field(client, xray):
+    assert_error(client.post("/predict/batch", data=upload(xray)), 400, "missing_file")
+
+
+def test_explain_predicted_class_overlay_at_original_size(client, xray):
+    response = client.post("/predict/explain", data=upload(xray))
+    assert response.status_code == 200
+    body = response.get_json()
+    assert_prediction(body)
+    assert body["gradcam_class"] == body["predicted_class"]
+    overlay = cv2.imdecode(np.frombuffer(base64.b64decode(body["gradcam_png"]), np.uint8), cv2.IMREAD_UNCHANGED)
+    original = cv2.imdecode(np.frombuffer(xray, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert overlay.shape == (*original.shape, 3)
+    assert body["explanation"] is None
+    assert "GEMINI_API_KEY" in body["explanation_error"]
+
+
+def test_explain_requested_class(client, xray):
+    bodies = {c: client.post("/predict/explain", data={**upload(xray), "class": c}).get_json() for c in CLASSES}
+    assert [bodies[c]["gradcam_class"] for c in CLASSES] == CLASSES
+    assert bodies["NORMAL"]["gradcam_png"] != bodies["PNEUMONIA"]["gradcam_png"]
+    assert bodies["NORMAL"]["predicted_class"] == bodies["PNEUMONIA"]["predicted_class"]
+
+
+def test_explain_unknown_class(client, xray):
+    assert_error(client.post("/predict/explain", data={**upload(xray), "class": "CANCER"}), 400, "unknown_class")
+
+
+def test_openapi_describes_every_endpoint(client, app):
+    doc = client.get("/openapi.json").get_json()
+    assert doc["openapi"].startswith("3.")
+    assert set(doc["paths"]) == {"/health", "/model/info", "/predict", "/predict/batch", "/predict/explain",
+                                 "/openapi.json"}
+    api_rules = {r.rule for r in app.url_map.iter_rules() if r.endpoint.startswith("api.")}
+    assert api_rules == set(doc["paths"])
+    assert "Error" in doc["components"]["schemas"]
+
+
+def test_page_is_served(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    assert b"not a diagnosis" in response.data
+    assert client.get("/static/app.js").status_code == 200
+
+
+# --- bad requests: each a 4xx JSON with words, never a 500 ---------------------------------------
+
+def _small_png() -> bytes:
+    return png_bytes(np.full((100, 100), 128, np.uint8))
+
+
+def _huge_png() -> bytes:
+    return png_bytes(np.zeros((200, 4200), np.uint8))
+
+
+BAD_UPLOADS = {
+    "wrong type (GIF)": (b"GIF89a\x01\x00\x01\x00\x80\x00\x00" + b"\x00" * 40, "scan.gif", 415, "unsupported_type"),
+    "wrong type (PDF)": (b"%PDF-1.4\n" + b"x" * 200, "scan.pdf", 415, "unsupported_type"),
+    "text renamed .jpg": (b"this is just some text, not an x-ray\n" * 20, "scan.jpg", 415, "unsupported_type"),
+    "0 bytes": (b"", "scan.jpeg", 400, "empty_file"),
+    "too small": (_small_png(), "scan.png", 422, "image_too_small"),
+    "too large a side": (_huge_png(), "scan.png", 422, "image_too_large"),
+}
+
+
+@pytest.mark.parametrize("endpoint", ["/predict", "/predict/explain"])
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_bad_uploads(client, endpoint, case):
+    data, name, status, code = BAD_UPLOADS[case]
+    assert_error(client.post(endpoint, data=upload(data, name)), status, code)
+
+
+@pytest.mark.parametrize("endpoint", ["/predict", "/predict/explain"])
+def test_truncated_jpeg(client, xray, endpoint):
+    body = assert_error(client.post(endpoint, data=upload(xray[: len(xray) // 2])), 422, "unreadable_image")
+    assert "truncated" in body["message"]
+
+
+@pytest.mark.parametrize("endpoint", ["/predict", "/predict/explain"])
+def test_file_too_large(client, endpoint, app):
+    limit = int(app.config["CHESTXRAY_MAX_UPLOAD_MB"] * 1024 * 1024)
+    data = b"\xff\xd8\xff\xe0" + b"\x00" * limit
+    body = assert_error(client.post(endpoint, data=upload(data)), 413, "file_too_large")
+    assert "MB" in body["message"]
+
+
+def test_request_over_flask_limit_is_json_413(client, app, xray, monkeypatch):
+    """Flask's own RequestEntityTooLarge (whole request over MAX_CONTENT_LENGTH) answers JSON too."""
+    monkeypatch.setitem(app.config, "MAX_CONTENT_LENGTH", 1000)
+    assert_error(client.post("/predict", data=upload(xray)), 413, "file_too_large")
+
+
+@pytest.mark.parametrize("endpoint", ["/predict", "/predict/explain"])
+def test_missing_field(client, xray, endpoint):
+    assert_error(client.post(endpoint, data=upload(xray, field="image")), 400, "missing_file")
+    assert_error(client.post(endpoint, data=b"raw bytes", content_type="image/jpeg"), 400, "missing_file")
+
+
+def test_not_found_and_wrong_method_are_json(client):
+    assert_error(client.get("/predict/nothing"), 404, "not_found")
+    assert_error(client.get("/predict"), 405, "method_not_allowed")
+    assert_error(client.delete("/health"), 405, "method_not_allowed")
+
+
+def test_file_names_and_bytes_are_not_logged(client, xray, caplog):
+    caplog.set_level(logging.DEBUG)
+    client.post("/predict", data=upload(xray, "patient-jane-doe-1234.jpeg"))
+    client.post("/predict", data=upload(b"secret text", "patient-john-roe-5678.jpg"))
+    assert "jane-doe" not in caplog.text and "john-roe" not in caplog.text
+    assert "secret text" not in caplog.text
+
+
+# --- no model -------------------------------------------------------------------------------------
+
+def test_missing_model_health_503_and_predictions_503(tmp_path, xray):
+    app = create_app({"CHESTXRAY_ARTIFACTS": str(tmp_path / "nothing-here"), "GEMINI_API_KEY": ""})
+    client = app.test_client()
+    health = client.get("/health")
+    assert health.status_code == 503
+    assert "no trained model" in health.get_json()["message"]
+    for endpoint in ["/predict", "/predict/explain"]:
+        assert_error(client.post(endpoint, data=upload(xray)), 503, "model_unavailable")
+    assert_error(client.post("/predict/batch", data=upload(xray, field="files")), 503, "model_unavailable")
+    assert_error(client.get("/model/info"), 503, "model_unavailable")
+    page = client.get("/")
+    assert page.status_code == 200 and b"Model not available" in page.data
+
+
+def test_bad_registry_uri_is_503_not_crash(tmp_path):
+    app = create_app({"CHESTXRAY_MODEL_URI": "chestxray-latest", "GEMINI_API_KEY": ""})
+    health = app.test_client().get("/health")
+    assert health.status_code == 503
+    assert "models:/" in health.get_json()["message"]
+
+
+# --- a real server --------------------------------------------------------------------------------
+
+def test_real_server(app, xrays):
+    with live_server(app) as url:
+        assert requests.get(f"{url}/health", timeout=10).json()["status"] == "ready"
+        with open(xrays[0], "rb") as fh:
+            response = requests.post(f"{url}/predict", files={"file": ("a.jpeg", fh, "image/jpeg")}, timeout=30)
+        assert response.status_code == 200
+        assert_prediction(response.json())
+        bad = requests.post(f"{url}/predict", files={"file": ("b.jpg", b"hello", "image/jpeg")}, timeout=30)
+        assert bad.status_code == 415 and bad.headers["Content-Type"].startswith("application/json")
+        assert bad.json()["error"] == "unsupported_type"
+        files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in xrays[:3]]
+        batch = requests.post(f"{url}/predict/batch", files=files, timeout=30).json()
+        assert [r["index"] for r in batch["results"]] == [0, 1, 2] and batch["errors"] == 0
+        missing = requests.get(f"{url}/nope", timeout=10)
+        assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+
+
+# --- serving matches training ---------------------------------------------------------------------
+
+def test_full_size_uploads_match_training_style_copies(client, app, xrays, tmp_path):
+    """/predict on each full-size original == Classifier on its 224x224 RGB JPEG copy made like the dataset."""
+    from PIL import Image
+
+    clf = app.extensions["chestxray"].classifier
+    assert len(xrays) == 16
+    for path in xrays:
+        copy = tmp_path / path.name
+        with Image.open(path) as img:
+            img.convert("RGB").resize((224, 224)).save(copy, "JPEG", quality=95)  # aspect ratio not kept
+        served = client.post("/predict", data=upload(path.read_bytes())).get_json()
+        trained = clf.predict_bytes(copy.read_bytes())
+        assert served["predicted_class"] == trained.predicted_class, path.name
+        for cls in CLASSES:
+            assert served["probabilities"][cls] == pytest.approx(trained.probabilities[cls], abs=0.05), path.name
