@@ -5,9 +5,9 @@ import base64
 import io
 import logging
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -341,3 +341,31 @@ def test_full_size_uploads_match_training_style_copies(client, app, xrays, tmp_p
         assert served["predicted_class"] == trained.predicted_class, path.name
         for cls in CLASSES:
             assert served["probabilities"][cls] == pytest.approx(trained.probabilities[cls], abs=0.05), path.name
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+def test_settings_from_env_dotenv_and_overrides(tmp_path, monkeypatch):
+    from chestxray.serving.config import load_settings, parse_model_uri
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("CHESTXRAY_MAX_BATCH", "GEMINI_MODEL", "GEMINI_TIMEOUT_S", "CHESTXRAY_ARTIFACTS"):
+        monkeypatch.setenv(name, "")  # recorded, so what .env loads below is undone after the test
+        monkeypatch.delenv(name)
+    (tmp_path / ".env").write_text("GEMINI_MODEL=from-dotenv\nCHESTXRAY_MAX_BATCH=7\n")
+    monkeypatch.setenv("CHESTXRAY_MAX_BATCH", "3")  # the environment wins over .env
+    settings = load_settings({"GEMINI_TIMEOUT_S": "2.5"})
+    assert settings["CHESTXRAY_MAX_BATCH"] == 3
+    assert settings["GEMINI_MODEL"] == "from-dotenv"
+    assert settings["GEMINI_TIMEOUT_S"] == 2.5
+    assert settings["CHESTXRAY_ARTIFACTS"] == "artifacts"
+    assert parse_model_uri("models:/chestxray@champion") == ("chestxray", "champion")
+    monkeypatch.setenv("CHESTXRAY_MAX_BATCH", "lots")
+    with pytest.raises(ValueError, match="CHESTXRAY_MAX_BATCH"):
+        load_settings()
+
+
+def test_settings_test_leaves_environment_clean():
+    import os
+
+    assert os.environ.get("GEMINI_MODEL") != "from-dotenv"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm"}
 

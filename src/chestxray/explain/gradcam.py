@@ -17,7 +17,7 @@ from chestxray.model.build import backbone_of, head_layers
 
 DEFAULT_ALPHA = 0.4
 # One traced heatmap function per loaded model (tracing costs seconds; each call after is fast).
-_FUNCTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass

@@ -152,7 +152,7 @@ def predict_batch():
             results.append({"index": index, **exc.to_dict()})
     started = time.perf_counter()
     predictions = clf.predict_arrays(np.stack(inputs)) if inputs else []
-    for index, prediction in zip(slots, predictions):
+    for index, prediction in zip(slots, predictions, strict=True):
         results[index] = {"index": index, **_result(clf, prediction, started)}
     return jsonify(results=results, count=len(results), errors=len(results) - len(inputs))
 
@@ -227,8 +227,13 @@ def _log_request(response):
 
 # --- OpenAPI ----------------------------------------------------------------------------------
 
+def _json(ref: str, description: str) -> dict:
+    schema = {"$ref": f"#/components/schemas/{ref}"}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
 def _error_response(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return _json("Error", description)
 
 
 def _upload_body(field: str, many: bool, extra: dict | None = None) -> dict:
@@ -237,10 +242,6 @@ def _upload_body(field: str, many: bool, extra: dict | None = None) -> dict:
     props = {field: prop, **(extra or {})}
     return {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": [field], "properties": props}}}}
-
-
-def _json(ref: str, description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
 
 
 _UPLOAD_ERRORS = {
@@ -270,7 +271,8 @@ def openapi_document() -> dict:
     }
     explained = {"allOf": [{"$ref": "#/components/schemas/Prediction"}, {"type": "object", "properties": {
         "gradcam_class": {"type": "string", "description": "the class the heatmap explains"},
-        "gradcam_png": {"type": "string", "format": "byte", "description": "base64 PNG: heatmap over the original image"},
+        "gradcam_png": {"type": "string", "format": "byte",
+                        "description": "base64 PNG: heatmap over the original image"},
         "gradcam_time_ms": number,
         "explanation": {"type": "string", "nullable": True, "description": "Gemini's text, or null"},
         "explanation_error": {"type": "string", "nullable": True, "description": "why there is no explanation"},

@@ -48,7 +48,8 @@ def parse_model_uri(uri: str) -> tuple[str, str]:
     """`models:/<name>@<alias>` -> (name, alias)."""
     prefix = "models:/"
     if not uri.startswith(prefix) or "@" not in uri:
-        raise ValueError(f"CHESTXRAY_MODEL_URI={uri!r}: expected models:/<name>@<alias>, e.g. models:/chestxray@champion")
+        raise ValueError(
+            f"CHESTXRAY_MODEL_URI={uri!r}: expected models:/<name>@<alias>, e.g. models:/chestxray@champion")
     name, alias = uri[len(prefix):].split("@", 1)
     if not name or not alias:
         raise ValueError(f"CHESTXRAY_MODEL_URI={uri!r}: expected models:/<name>@<alias>")
