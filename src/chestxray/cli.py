@@ -118,7 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chestxray", description="Chest X-ray classification (decision support).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_predict(sub)
+    _add_stages(sub)
     return parser
+
+
+PIPELINE_STAGES = ("ingest", "prepare_base_model", "train", "evaluate")
+
+
+def _add_stages(sub) -> None:
+    """`chestxray train ...` runs the same stage as dvc.yaml does (`python -m chestxray.pipeline.train ...`)."""
+    for stage in PIPELINE_STAGES:
+        # Listed for --help; main() hands their arguments to the stage's own parser untouched.
+        sub.add_parser(stage.replace("_", "-"), help=f"run the {stage} pipeline stage (prefer `dvc repro`)")
+
+
+def _run_stage(stage: str, stage_args: list[str]) -> int:
+    from importlib import import_module
+
+    import_module(f"chestxray.pipeline.{stage}").main(stage_args)
+    return 0
 
 
 def _add_predict(sub) -> None:
@@ -141,6 +159,9 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse the arguments and run the chosen subcommand's handler."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].replace("-", "_") in PIPELINE_STAGES:
+        return _run_stage(argv[0].replace("-", "_"), argv[1:])
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     return handler(args)

@@ -16,9 +16,20 @@ from mlflow import MlflowClient
 CHAMPION = "champion"
 
 
+def tracking_uri(config: dict | None = None) -> str:
+    """The store: MLFLOW_TRACKING_URI if set, else config/config.yaml's mlflow.tracking_uri."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if config is None:
+        from chestxray.settings import load_config
+
+        config = load_config()
+    return config["mlflow"]["tracking_uri"]
+
+
 def setup(config: dict) -> str:
-    """Point MLflow at the store (MLFLOW_TRACKING_URI wins over config) and select the experiment."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or config["mlflow"]["tracking_uri"]
+    """Point MLflow at the store and select the experiment."""
+    uri = tracking_uri(config)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(config["mlflow"]["experiment"])
     return uri
@@ -92,6 +103,7 @@ def download_registered_model(name: str, alias: str = CHAMPION) -> tuple[Path, s
     """Fetch the model version with `alias`; returns (dir with model/ and evaluation/, 'name/version')."""
     import tempfile
 
+    mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     version = client.get_model_version_by_alias(name, alias)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}", dst_path=tempfile.mkdtemp()))

@@ -30,7 +30,11 @@ def _decode_dicom(data: bytes) -> np.ndarray:
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
+        if int(getattr(ds, "Rows", 0)) * int(getattr(ds, "Columns", 0)) > MAX_PIXELS:
+            raise ImageError(f"image dimensions are too large to process (at most {MAX_PIXELS:,} pixels)")
         pixels = ds.pixel_array.astype(np.float32)
+    except ImageError:
+        raise
     except Exception as exc:  # pydicom raises many types for broken files
         raise ImageError(f"unreadable DICOM file ({exc.__class__.__name__})") from None
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):

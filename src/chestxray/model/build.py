@@ -31,8 +31,13 @@ def build_model(
     weights: str | None = "imagenet",
     dropout: float = 0.3,
     dense_units: int = 0,
+    truncate_before: str | None = None,
 ) -> keras.Model:
-    """The full classifier. Input: (image_size, image_size, 3) float pixels in [0, 255]; output: class probabilities."""
+    """The full classifier. Input: (image_size, image_size, 3) float pixels in [0, 255]; output: class probabilities.
+
+    `truncate_before` names a backbone layer: it and everything after it are dropped, so the features
+    are the feature map that layer would have received (see backbones.Backbone.truncate_before).
+    """
     spec = get_backbone(backbone)
     keras_weights, weights_file = _backbone_weights(weights)
     inputs = keras.Input((image_size, image_size, 3), name="image")
@@ -47,6 +52,8 @@ def build_model(
         raise
     if weights_file is not None:
         base.load_weights(weights_file)
+    if truncate_before:
+        base = keras.Model(base.input, base.get_layer(truncate_before).input)
     base.name = "backbone"
     x = PixelScaling(spec.scaling, name="pixel_scaling")(inputs)
     x = base(x)
