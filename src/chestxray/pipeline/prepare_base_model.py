@@ -23,15 +23,18 @@ def main(argv: list[str] | None = None) -> None:
 
 def prepare(params: dict, data_dir: Path, out: Path) -> None:
     """Build the backbone + head for the classes found by ingest and save it as .keras with a summary."""
+    from chestxray.model.backbones import resolve
     from chestxray.model.build import build_model
 
     classes = json.loads((data_dir / "report.json").read_text())["classes"]
+    truncate_before, _ = resolve(params["backbone"], params.get("truncate_before", "auto"), "auto")
     model = build_model(params["backbone"], params["image_size"], len(classes), params["weights"],
-                        params["dropout"], params["dense_units"])
+                        params["dropout"], params["dense_units"], truncate_before)
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "base_model.keras")
     summary = {"backbone": params["backbone"], "image_size": params["image_size"], "classes": classes,
-               "weights": str(params["weights"]), "parameters": int(model.count_params())}
+               "weights": str(params["weights"]), "truncate_before": truncate_before,
+               "parameters": int(model.count_params())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"{params['backbone']} at {params['image_size']} px for {len(classes)} classes: "
           f"{summary['parameters']:,} parameters -> {out / 'base_model.keras'}")

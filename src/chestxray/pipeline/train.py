@@ -67,7 +67,7 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
     from chestxray import tracking
     from chestxray.model import training as T
     from chestxray.data.dataset import image_dataset
-    from chestxray.model.backbones import get_backbone
+    from chestxray.model.backbones import get_backbone, resolve
 
     tp, bp = params["train"], params["base_model"]
     keras.utils.set_random_seed(tp["seed"])
@@ -77,7 +77,7 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
     splits = {s: manifest[manifest.split == s] for s in ("train", "val")}
     paths = {s: [str(data_dir / p) for p in rows.path] for s, rows in splits.items()}
     labels = {s: np.array([classes.index(c) for c in rows.label]) for s, rows in splits.items()}
-    fine_tune_from = tp["fine_tune_from"] if tp["fine_tune_from"] != "auto" else get_backbone(bp["backbone"]).fine_tune_from
+    truncate_before, fine_tune_from = resolve(bp["backbone"], bp.get("truncate_before", "auto"), tp["fine_tune_from"])
 
     out.mkdir(parents=True, exist_ok=True)
     strategy = T.get_strategy()
@@ -132,6 +132,7 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
             "normal_class": params["data"].get("normal_class", "NORMAL") if "NORMAL" in classes else None,
             "image_size": size,
             "backbone": bp["backbone"],
+            "truncate_before": truncate_before,
             "fine_tune_from": fine_tune_from,
             "preprocessing": {"color": "grayscale, repeated to 3 channels", "resize": "area, aspect ratio not kept",
                               "input_range": [0, 255], "pixel_scaling": get_backbone(bp["backbone"]).scaling},
