@@ -11,14 +11,29 @@ from chestxray.model.decision import decide, disease_score
 def choose_threshold(y: np.ndarray, probs: np.ndarray, classes: list[str], normal_class: str | None) -> float:
     """Decision threshold on P(any disease) that maximises Youden's J (sensitivity + specificity - 1).
 
-    Call it with validation data only; the test split must never influence it.
+    Every threshold between two neighbouring scores gives the same J, and on well-separated
+    validation data that interval is wide; its middle (in log-odds) keeps the largest margin to both
+    classes. Call it with validation data only; the test split must never influence it.
     """
     if normal_class not in classes:
         return 0.5
     diseased = y != classes.index(normal_class)
-    fpr, tpr, thresholds = roc_curve(diseased, disease_score(probs, classes, normal_class))
-    best = int(np.argmax(tpr - fpr))
-    return float(min(thresholds[best], 1.0))
+    fpr, tpr, thresholds = roc_curve(diseased, disease_score(probs, classes, normal_class), drop_intermediate=False)
+    youden = tpr - fpr
+    # Scores >= thresholds[i] are called diseased, so ROC point i holds for any cut in (thresholds[i+1], thresholds[i]].
+    intervals = [(float(thresholds[i + 1]) if i + 1 < len(thresholds) else 0.0, min(float(thresholds[i]), 1.0))
+                 for i in np.flatnonzero(youden >= youden.max() - 1e-12)]
+    low, high = max(intervals, key=lambda lh: _logit(lh[1]) - _logit(lh[0]))
+    return float(_sigmoid((_logit(low) + _logit(high)) / 2))
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return float(np.log(p / (1 - p)))
+
+
+def _sigmoid(x: float) -> float:
+    return float(1 / (1 + np.exp(-x)))
 
 
 def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = 10) -> tuple[float, list[dict]]:
