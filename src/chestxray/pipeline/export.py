@@ -1,0 +1,96 @@
+"""Stage 5, export: convert the trained model to ONNX, check it against Keras on the test images, log it.
+
+    python -m chestxray.pipeline.export --data artifacts/data --model artifacts/training --out artifacts/export
+
+Writes model.onnx (served by the app and the batch CLI through ONNX Runtime when present) and
+check.json (max |p_onnx - p_keras|, images checked, images whose predicted class differs). The ONNX
+file is written only if the check passes; otherwise the stage fails with `error: ...`. Both files
+are logged to the MLflow run that train opened.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from chestxray.pipeline.common import run_stage
+from chestxray.settings import load_config
+
+CHECK_FILE = "check.json"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from chestxray.model.onnx_export import TOLERANCE
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="config/config.yaml")
+    parser.add_argument("--data", default="artifacts/data")
+    parser.add_argument("--model", default="artifacts/training")
+    parser.add_argument("--out", default="artifacts/export")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
+                        help=f"largest accepted |p_onnx - p_keras| (default {TOLERANCE:g})")
+    args = parser.parse_args(argv)
+    run_stage(lambda: export(load_config(args.config), Path(args.data), Path(args.model), Path(args.out),
+                             args.tolerance))
+
+
+def split_paths(data_dir: Path, split: str = "test") -> list[str]:
+    """The image files of one split, from the ingest stage's manifest."""
+    import pandas as pd
+
+    manifest = pd.read_csv(data_dir / "manifest.csv")
+    paths = [str(data_dir / p) for p in manifest[manifest.split == split].path]
+    if not paths:
+        raise ValueError(f"{data_dir / 'manifest.csv'} lists no {split} images to check the ONNX model on")
+    return paths
+
+
+def _short(path: str) -> str:
+    """CLASS/file, how check.json names an image."""
+    return "/".join(Path(path).parts[-2:])
+
+
+def convert_and_check(model_dir: Path, paths: list[str], out: Path, tolerance: float):
+    """Export model_dir's model to out/model.onnx and compare it with Keras on `paths`; returns the CheckResult.
+
+    The file appears under its final name only after the check passes, so a bad export is never served.
+    """
+    from chestxray.model import onnx_export as X
+    from chestxray.model.classifier import MODEL_FILE, ONNX_FILE, Classifier, file_sha256
+
+    clf = Classifier.from_dirs(model_dir, backend="keras")
+    keras_sha = file_sha256(model_dir / MODEL_FILE)
+    out.mkdir(parents=True, exist_ok=True)
+    final, partial = out / ONNX_FILE, out / (ONNX_FILE + ".partial")
+    final.unlink(missing_ok=True)  # never leave an earlier export next to a new model
+    X.export_onnx(clf.model, partial, clf.image_size, {X.META_KERAS_SHA256: keras_sha})
+    runner = X.OnnxRunner.load(partial)
+    named = (([_short(p) for p in chunk], x) for chunk, x in X.image_batches(paths, clf.image_size))
+    result = X.check_onnx(clf.probabilities, runner, named, tolerance)
+    X.write_check(result, out / CHECK_FILE, keras_sha256=keras_sha, opset=X.OPSET)
+    if not result.passed:
+        partial.unlink(missing_ok=True)
+        raise ValueError(f"{result.failure()} (details in {out / CHECK_FILE})")
+    os.replace(partial, final)
+    return result
+
+
+def export(config: dict, data_dir: Path, model_dir: Path, out: Path, tolerance: float) -> None:
+    """Convert, check, and log model.onnx + check.json to the pipeline's MLflow run."""
+    import mlflow
+
+    from chestxray import tracking
+    from chestxray.model.classifier import ONNX_FILE
+
+    result = convert_and_check(model_dir, split_paths(data_dir), out, tolerance)
+    size_mb = (out / ONNX_FILE).stat().st_size / 2**20
+    print(f"exported {out / ONNX_FILE} ({size_mb:.1f} MB): max |p_onnx - p_keras| = {result.max_abs_diff:.2e} "
+          f"on {result.n_images} test images, same class on all")
+    with tracking.resume_run(config, model_dir / "mlflow_run.json"):
+        mlflow.log_metrics({"export.max_abs_diff": result.max_abs_diff, "export.n_images": result.n_images})
+        mlflow.log_artifact(str(out / ONNX_FILE), "export")
+        mlflow.log_artifact(str(out / CHECK_FILE), "export")
+
+
+if __name__ == "__main__":
+    main()

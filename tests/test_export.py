@@ -1,0 +1,204 @@
+"""ONNX export and the two inference backends: the export check, ONNX vs Keras, the app and CLI on each backend."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chestxray.model.classifier import ONNX_FILE, Classifier, ModelNotFound, choose_backend
+from chestxray.model.onnx_export import META_KERAS_SHA256, TOLERANCE, OnnxModelError
+from chestxray.pipeline import export as export_stage
+from chestxray.serving import create_app
+
+CLASSES = ["NORMAL", "PNEUMONIA"]
+
+
+def _copy_model(src: Path, dest: Path) -> Path:
+    """training/ + evaluation/ of an artifacts folder, copied (the session's tiny_artifacts stay untouched)."""
+    for part in ("training", "evaluation"):
+        shutil.copytree(src / part, dest / part)
+    return dest
+
+
+def _data_dir(root: Path, kermany224: Path, per_class: int = 6) -> Path:
+    """A data folder whose manifest lists real test images (absolute paths) as the test split."""
+    data = root / "data"
+    data.mkdir()
+    rows = [{"path": str(p), "label": c, "split": "test"}
+            for c in CLASSES for p in sorted((kermany224 / "test" / c).glob("*.jpeg"))[:per_class]]
+    with open(data / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return data
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_artifacts, kermany224, tmp_path_factory) -> Path:
+    """An artifacts folder with the tiny model exported to export/model.onnx by the stage's own function."""
+    root = _copy_model(tiny_artifacts, tmp_path_factory.mktemp("exported"))
+    paths = export_stage.split_paths(_data_dir(root, kermany224))
+    export_stage.convert_and_check(root / "training", paths, root / "export", TOLERANCE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def originals(fullsize_dir) -> list[Path]:
+    return sorted(fullsize_dir.glob("*/*.jpeg"))
+
+
+def upload(data: bytes, name: str = "xray.jpeg", field: str = "file") -> dict:
+    return {field: (io.BytesIO(data), name)}
+
+
+# --- the export stage -----------------------------------------------------------------------------
+
+def test_export_writes_onnx_and_a_passing_check(exported):
+    check = json.loads((exported / "export" / "check.json").read_text())
+    assert check["passed"] is True
+    assert check["n_images"] == 12 and check["mismatched"] == []
+    assert 0.0 <= check["max_abs_diff"] <= TOLERANCE
+    assert (exported / "export" / ONNX_FILE).stat().st_size > 100_000
+    assert not list((exported / "export").glob("*.partial"))
+
+
+def test_failed_check_fails_the_stage_in_one_line(tiny_artifacts, kermany224, tmp_path, capsys):
+    root = _copy_model(tiny_artifacts, tmp_path)
+    data = _data_dir(root, kermany224, per_class=2)
+    with pytest.raises(SystemExit) as exit_info:
+        export_stage.main(["--data", str(data), "--model", str(root / "training"), "--out", str(root / "export"),
+                           "--tolerance", "-1"])  # nothing can pass a negative tolerance
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ONNX model does not match Keras"), err
+    assert not (root / "export" / ONNX_FILE).exists()  # a failed export is never served
+    assert json.loads((root / "export" / "check.json").read_text())["passed"] is False
+
+
+# --- the two backends agree -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def backends(exported) -> dict[str, Classifier]:
+    return {b: Classifier.from_artifacts(exported, backend=b) for b in ("onnx", "keras")}
+
+
+def test_onnx_and_keras_probabilities_agree_on_real_images(backends, originals, kermany224):
+    assert {b: c.backend for b, c in backends.items()} == {"onnx": "onnx", "keras": "keras"}
+    test224 = sorted((kermany224 / "test").glob("*/*.jpeg"))[::40]
+    x = np.stack([backends["keras"].prepare(p.read_bytes()) for p in [*originals, *test224]])
+    onnx, keras = backends["onnx"].probabilities(x, batch_size=8), backends["keras"].probabilities(x, batch_size=8)
+    assert onnx.shape == keras.shape == (len(x), 2)
+    assert float(np.max(np.abs(onnx - keras))) <= TOLERANCE
+    assert (onnx.argmax(1) == keras.argmax(1)).all()
+    single = backends["onnx"].probabilities(x[:1])  # batch of one, as /predict runs it
+    assert float(np.max(np.abs(single - keras[:1]))) <= TOLERANCE
+
+
+def test_auto_picks_onnx_when_exported_and_keras_when_not(exported, tiny_artifacts, monkeypatch):
+    onnx_path, missing = exported / "export" / ONNX_FILE, tiny_artifacts / "export" / ONNX_FILE
+    monkeypatch.delenv("CHESTXRAY_BACKEND", raising=False)
+    assert choose_backend("auto", onnx_path) == "onnx"
+    assert choose_backend(None, onnx_path) == "onnx"  # auto is the default
+    assert choose_backend("auto", missing) == "keras"
+    assert choose_backend("keras", onnx_path) == "keras"
+    monkeypatch.setenv("CHESTXRAY_BACKEND", "keras")
+    assert choose_backend(None, onnx_path) == "keras"
+    with pytest.raises(ModelNotFound, match="export"):
+        choose_backend("onnx", missing)
+    with pytest.raises(ValueError, match="CHESTXRAY_BACKEND"):
+        choose_backend("tensorrt", onnx_path)
+    assert Classifier.from_artifacts(exported, backend="auto").backend == "onnx"
+    assert Classifier.from_artifacts(tiny_artifacts, backend="auto").backend == "keras"
+
+
+def test_corrupted_onnx_fails_clearly(exported, tmp_path):
+    root = _copy_model(exported, tmp_path)
+    (root / "export").mkdir()
+    (root / "export" / ONNX_FILE).write_bytes(b"\x08\x07this is not an onnx model" * 10)
+    with pytest.raises(OnnxModelError, match=r"cannot load the ONNX model .*model\.onnx.*export stage"):
+        Classifier.from_artifacts(root, backend="auto")
+    health = create_app({"CHESTXRAY_ARTIFACTS": str(root), "GEMINI_API_KEY": ""}).test_client().get("/health")
+    assert health.status_code == 503 and "cannot load the ONNX model" in health.get_json()["message"]
+
+
+def test_stale_onnx_is_not_served(exported, tmp_path):
+    """An export of another model.keras: refused when ONNX is asked for, Keras under auto."""
+    import onnx
+
+    root = _copy_model(exported, tmp_path)
+    (root / "export").mkdir()
+    proto = onnx.load(str(exported / "export" / ONNX_FILE))
+    for entry in proto.metadata_props:
+        if entry.key == META_KERAS_SHA256:
+            entry.value = "0" * 64
+    onnx.save(proto, str(root / "export" / ONNX_FILE))
+    assert Classifier.from_artifacts(root, backend="auto").backend == "keras"
+    with pytest.raises(OnnxModelError, match="not exported from this model.keras"):
+        Classifier.from_artifacts(root, backend="onnx")
+
+
+# --- the app and the CLI on each backend ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clients(exported) -> dict:
+    return {b: create_app({"CHESTXRAY_ARTIFACTS": str(exported), "CHESTXRAY_BACKEND": b,
+                           "GEMINI_API_KEY": ""}).test_client() for b in ("onnx", "keras")}
+
+
+def test_app_gives_the_same_answers_on_both_backends(clients, originals):
+    for backend, client in clients.items():
+        assert client.get("/health").get_json()["backend"] == backend
+        assert client.get("/model/info").get_json()["backend"] == backend
+    for path in originals[::3]:
+        bodies = {b: c.post("/predict", data=upload(path.read_bytes())).get_json() for b, c in clients.items()}
+        assert bodies["onnx"]["predicted_class"] == bodies["keras"]["predicted_class"], path.name
+        for cls in CLASSES:
+            assert bodies["onnx"]["probabilities"][cls] == pytest.approx(bodies["keras"]["probabilities"][cls],
+                                                                          abs=TOLERANCE), path.name
+    files = [(io.BytesIO(p.read_bytes()), p.name) for p in originals[:3]]
+    batch = clients["onnx"].post("/predict/batch", data={"files": files}).get_json()
+    single = clients["onnx"].post("/predict", data=upload(originals[2].read_bytes())).get_json()
+    assert batch["results"][2]["probabilities"] == pytest.approx(single["probabilities"], abs=1e-5)
+    explained = clients["onnx"].post("/predict/explain", data=upload(originals[2].read_bytes())).get_json()
+    assert explained["gradcam_png"]  # Grad-CAM still runs on the Keras model
+    assert explained["probabilities"] == pytest.approx(single["probabilities"], abs=1e-6)
+
+
+def test_cli_gives_the_same_answers_on_both_backends(exported, originals, tmp_path):
+    from chestxray.cli import main
+
+    rows = {}
+    for backend in ("onnx", "keras"):
+        out = tmp_path / f"{backend}.csv"
+        files = [str(p) for p in originals[:4]]
+        assert main(["predict", *files, "--out", str(out), "--artifacts", str(exported), "--backend", backend]) == 0
+        with open(out, newline="") as fh:
+            rows[backend] = list(csv.DictReader(fh))
+    for onnx_row, keras_row in zip(rows["onnx"], rows["keras"], strict=True):
+        assert onnx_row["predicted_class"] == keras_row["predicted_class"]
+        assert float(onnx_row["p_PNEUMONIA"]) == pytest.approx(float(keras_row["p_PNEUMONIA"]), abs=TOLERANCE)
+
+
+# --- fast decoding of large originals -------------------------------------------------------------
+
+def test_reduced_jpeg_decoding_gives_nearly_the_same_model_input(originals, kermany224):
+    from chestxray.data.preprocess import ImageError, decode_for_model, decode_image, prepare_image
+
+    size = 224
+    for path in originals:
+        data = path.read_bytes()
+        full = decode_image(data)
+        reduced, original_shape = decode_for_model(data, size)
+        assert original_shape == full.shape
+        assert min(reduced.shape) >= 2 * size and reduced.size < full.size, path.name
+        diff = np.abs(prepare_image(reduced, size) - prepare_image(full, size))
+        assert diff.mean() < 1.0 and diff.max() <= 16, (path.name, diff.mean(), diff.max())
+    small = sorted((kermany224 / "test" / "NORMAL").glob("*.jpeg"))[0].read_bytes()  # the training copies
+    assert np.array_equal(decode_for_model(small, size)[0], decode_image(small))
+    with pytest.raises(ImageError, match="truncated"):
+        decode_for_model(originals[0].read_bytes()[: 20_000], size)
