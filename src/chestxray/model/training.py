@@ -113,14 +113,30 @@ def make_loss(kind: str, gamma: float = 2.0) -> keras.losses.Loss:
 
 def arrays_dataset(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int, shuffle_seed: int | None = None,
                    weights: dict[int, float] | None = None) -> tf.data.Dataset:
-    """Cached activations (float16) and labels as a batched dataset, optionally shuffled and sample-weighted."""
-    items = [x, keras.utils.to_categorical(y, num_classes).astype(np.float32)]
-    if weights is not None:
-        items.append(np.array([weights[k] for k in y], np.float32))
-    ds = tf.data.Dataset.from_tensor_slices(tuple(items))
+    """Cached activations (float16) and labels as a batched dataset, optionally shuffled and sample-weighted.
+
+    Only indices go through tf.data; each batch is gathered from the one numpy array, so the cache is
+    never copied (copying it into tensors and a shuffle buffer tripled peak memory).
+    """
+    onehot = keras.utils.to_categorical(y, num_classes).astype(np.float32)
+    sample_weight = np.array([weights[k] for k in y], np.float32) if weights is not None else None
+
+    def gather(idx: np.ndarray):
+        idx = np.sort(idx)
+        batch = (x[idx].astype(np.float32), onehot[idx])
+        return batch + ((sample_weight[idx],) if sample_weight is not None else ())
+
+    out_types = (tf.float32, tf.float32) + ((tf.float32,) if sample_weight is not None else ())
+    ds = tf.data.Dataset.range(len(x))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).map(lambda a, *rest: (tf.cast(a, tf.float32), *rest)).prefetch(AUTOTUNE)
+
+    def load(idx):
+        tensors = tf.numpy_function(gather, [idx], out_types)
+        shapes = [(None, *x.shape[1:]), (None, num_classes), (None,)]
+        return tuple(tf.ensure_shape(t, s) for t, s in zip(tensors, shapes))
+
+    return ds.batch(batch_size).map(load).prefetch(AUTOTUNE)
 
 
 class EpochLogger(keras.callbacks.Callback):
