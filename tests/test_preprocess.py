@@ -1,0 +1,61 @@
+"""One preprocessing path: what training's tf.data pipeline feeds the model is exactly what serving feeds it."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from chestxray.data.preprocess import ImageError, decode_image, load_image, prepare_image
+
+
+def real_files(kermany224, fullsize_dir) -> list:
+    return sorted(kermany224.glob("test/*/*.jpeg"))[:6] + sorted(fullsize_dir.glob("*/*.jpeg"))[:6]
+
+
+def test_training_pipeline_and_serving_give_identical_inputs(kermany224, fullsize_dir):
+    from chestxray.data.dataset import image_dataset
+
+    files = real_files(kermany224, fullsize_dir)
+    trained_on = np.concatenate([b.numpy() for b in image_dataset([str(f) for f in files], 224, 4)])
+    served = np.stack([prepare_image(decode_image(f.read_bytes()), 224) for f in files])  # what the app does
+    assert trained_on.shape == (len(files), 224, 224, 3)
+    np.testing.assert_array_equal(trained_on, served)
+
+
+def test_model_input_is_gray_repeated_to_three_channels_in_pixel_range(fullsize_dir):
+    x = load_image(sorted(fullsize_dir.glob("*/*.jpeg"))[0], 160)
+    assert x.shape == (160, 160, 3) and x.dtype == np.float32
+    assert 0.0 <= x.min() and x.max() <= 255.0 and x.std() > 10
+    np.testing.assert_array_equal(x[..., 0], x[..., 2])
+
+
+def test_rgb_png_and_gray_jpeg_of_the_same_picture_agree(fullsize_dir):
+    gray = decode_image(sorted(fullsize_dir.glob("*/*.jpeg"))[0].read_bytes())
+    buf = io.BytesIO()
+    Image.fromarray(gray).convert("RGB").save(buf, "PNG")
+    np.testing.assert_array_equal(load_image(buf.getvalue(), 224), prepare_image(gray, 224))
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"", "empty"),
+    (b"hello, this is a text file", "not a JPEG, PNG or DICOM"),
+    (b"\xff\xd8\xff\xe0" + b"\x00" * 64, "corrupt or truncated JPEG"),
+])
+def test_bad_bytes_raise_image_error_in_words(data, words):
+    with pytest.raises(ImageError, match=words):
+        decode_image(data)
+
+
+def test_truncated_real_jpeg_is_refused(fullsize_dir):
+    data = sorted(fullsize_dir.glob("*/*.jpeg"))[0].read_bytes()
+    with pytest.raises(ImageError):
+        decode_image(data[: len(data) // 3])
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("L", (12000, 12000)).save(buf, "PNG")  # ~150 KB file, 144 megapixels
+    with pytest.raises(ImageError, match="too large"):
+        decode_image(buf.getvalue())
