@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ["ingest", "prepare_base_model", "train", "evaluate"]
+STAGES = ["ingest", "prepare_base_model", "train", "evaluate", "export"]
 
 
 def run_stage(stage: str) -> tuple[float, float]:

@@ -76,6 +76,10 @@ def test_repro_writes_metrics_and_plots(project):
         assert (repo / "artifacts/evaluation/figures" / name).stat().st_size > 5000
     info = json.loads((repo / "artifacts/training/model_info.json").read_text())
     assert info["classes"] == list(CLASSES) and info["image_size"] == 96
+    check = json.loads((repo / "artifacts/export/check.json").read_text())
+    assert check["passed"] and check["n_images"] == 24 and check["mismatched"] == []
+    assert check["max_abs_diff"] <= 1e-4
+    assert (repo / "artifacts/export/model.onnx").stat().st_size > 100_000
 
 
 def test_mlflow_run_and_registered_champion(project):
@@ -93,17 +97,20 @@ def test_mlflow_run_and_registered_champion(project):
     assert len(client.get_metric_history(run_id, "val_auc")) >= 2  # per-epoch, both phases
     artifacts = {a.path for a in client.list_artifacts(run_id, "figures")}
     assert "figures/roc.png" in artifacts
+    exported = {a.path for a in client.list_artifacts(run_id, "export")}
+    assert {"export/model.onnx", "export/check.json"} <= exported
+    assert run.data.metrics["export.max_abs_diff"] <= 1e-4
     champion = client.get_model_version_by_alias("chestxray", "champion")
     assert champion.run_id == run_id
 
 
-def test_second_repro_does_nothing_and_train_param_reruns_only_train_and_evaluate(project):
+def test_second_repro_does_nothing_and_train_param_reruns_only_train_evaluate_export(project):
     repo, env, params, _ = project
     again = _run(["dvc", "repro"], repo, env)
     assert "Running stage" not in again.stdout, again.stdout
     changed = _run(["dvc", "exp", "run", "-S", "train.head_lr=0.002"], repo, env)
     ran = {line.split("'")[1] for line in changed.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate"}, changed.stdout
+    assert ran == {"train", "evaluate", "export"}, changed.stdout
 
 
 def test_registered_model_loads_from_registry(project):

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from chestxray.model.classifier import BACKENDS  # no TensorFlow at import time: --help stays fast
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm"}
 
 
@@ -60,8 +62,8 @@ def predict_command(args: argparse.Namespace) -> int:
         print(f"chestxray: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return 1
     try:
-        clf = Classifier.from_artifacts(args.artifacts)
-    except ModelNotFound as exc:
+        clf = Classifier.from_artifacts(args.artifacts, backend=args.backend)
+    except (ModelNotFound, ValueError, RuntimeError) as exc:  # no model, bad backend, unloadable model.onnx
         print(f"chestxray: {exc}", file=sys.stderr)
         return 1
     heatmaps = Path(args.heatmaps) if args.heatmaps else None
@@ -122,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PIPELINE_STAGES = ("ingest", "prepare_base_model", "train", "evaluate")
+PIPELINE_STAGES = ("ingest", "prepare_base_model", "train", "evaluate", "export")
 
 
 def _add_stages(sub) -> None:
@@ -147,6 +149,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--heatmaps", metavar="DIR", help="also write a Grad-CAM overlay PNG per image into DIR")
     p.add_argument("--artifacts", default="artifacts", help="the pipeline's artifacts folder (default: artifacts)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per model call (default: 16)")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="auto: ONNX Runtime if artifacts/export/model.onnx is there, else Keras "
+                        "(default: $CHESTXRAY_BACKEND, else auto)")
     p.set_defaults(handler=predict_command)
 
 

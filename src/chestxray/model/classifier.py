@@ -1,6 +1,6 @@
 """A trained classifier ready to predict: the Keras model plus what it needs to be read correctly.
 
-    clf = Classifier.from_artifacts("artifacts")        # what `dvc repro` produced
+    clf = Classifier.from_artifacts("artifacts")        # what `dvc repro` produced (ONNX Runtime if exported)
     clf = Classifier.from_registry("chestxray", "champion")  # the MLflow registry's champion
     result = clf.predict_bytes(open("xray.jpeg", "rb").read())
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,11 +18,21 @@ import numpy as np
 from chestxray.data.preprocess import decode_image, prepare_image
 from chestxray.model.decision import decide
 
+log = logging.getLogger(__name__)
+
 # File names inside a model directory (the train stage's output) and the evaluation directory.
 MODEL_FILE = "model.keras"
 INFO_FILE = "model_info.json"
 THRESHOLDS_FILE = "thresholds.json"
 METRICS_FILE = "metrics.json"
+# The export stage's output, inside <artifacts>/export/.
+EXPORT_DIR = "export"
+ONNX_FILE = "model.onnx"
+
+# Which engine computes probabilities (Grad-CAM always uses Keras: it needs gradients).
+# auto: ONNX Runtime when an exported model.onnx of this very model.keras is there, else Keras.
+BACKENDS = ("auto", "onnx", "keras")
+BACKEND_ENV = "CHESTXRAY_BACKEND"
 
 
 @dataclass
@@ -39,12 +51,67 @@ class ModelNotFound(FileNotFoundError):
     """No trained model where one was expected; the message says how to get one."""
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file (identifies a model.keras; the export stage stores it inside model.onnx)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """The backend asked for: `backend`, else $CHESTXRAY_BACKEND, else auto (checked against BACKENDS)."""
+    backend = (backend or os.environ.get(BACKEND_ENV, "") or "auto").strip().lower()
+    if backend not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={backend!r}: choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def choose_backend(backend: str | None, onnx_path: str | Path | None) -> str:
+    """'onnx' or 'keras': what serves a requested backend (see requested_backend) given an optional .onnx path."""
+    backend = requested_backend(backend)
+    exported = onnx_path is not None and Path(onnx_path).is_file()
+    if backend == "onnx" and not exported:
+        where = f"at {onnx_path}" if onnx_path is not None else "for this model (the registry holds Keras only)"
+        raise ModelNotFound(f"{BACKEND_ENV}=onnx but there is no exported ONNX model {where} -- run the "
+                            f"export stage (`dvc repro export`) or use {BACKEND_ENV}=auto")
+    if backend == "auto":
+        return "onnx" if exported else "keras"
+    return backend
+
+
+def _load_onnx(onnx_path: Path, keras_sha256: str, required: bool):
+    """The ONNX runner for `onnx_path` if it was exported from the model.keras with this hash.
+
+    A stale export (model.keras retrained, export not rerun) is an error when ONNX was asked for
+    explicitly, and falls back to Keras (with a warning) under auto.
+    """
+    from chestxray.model.onnx_export import META_KERAS_SHA256, OnnxModelError, OnnxRunner
+
+    runner = OnnxRunner.load(onnx_path)
+    if runner.metadata.get(META_KERAS_SHA256) == keras_sha256:
+        return runner
+    message = (f"{onnx_path} was not exported from this model.keras (retrained since?) -- re-run the export "
+               f"stage (`dvc repro export`)")
+    if required:
+        raise OnnxModelError(message)
+    log.warning("%s; predicting with Keras", message)
+    return None
+
+
 class Classifier:
-    """A Keras model with its classes, input size, decision threshold and low-confidence threshold."""
+    """A Keras model with its classes, input size, decision threshold and low-confidence threshold.
+
+    Probabilities come from `onnx_runner` (ONNX Runtime) when one is given, else from the Keras model;
+    `backend` says which. `model` is always the Keras model (Grad-CAM needs it).
+    """
 
     def __init__(self, model, info: dict, thresholds: dict | None = None, metrics: dict | None = None,
-                 version: str = "unknown"):
+                 version: str = "unknown", onnx_runner=None):
         self.model = model
+        self.onnx_runner = onnx_runner
+        self.backend = "onnx" if onnx_runner is not None else "keras"
         self.info = info
         self.classes: list[str] = list(info["classes"])
         self.image_size: int = int(info["image_size"])
@@ -61,8 +128,13 @@ class Classifier:
 
     @classmethod
     def from_dirs(cls, model_dir: str | Path, evaluation_dir: str | Path | None = None,
-                  version: str | None = None) -> "Classifier":
-        """Load model.keras + model_info.json from `model_dir`, thresholds and metrics from `evaluation_dir`."""
+                  version: str | None = None, onnx_path: str | Path | None = None,
+                  backend: str | None = None) -> "Classifier":
+        """Load model.keras + model_info.json from `model_dir`, thresholds and metrics from `evaluation_dir`.
+
+        `backend` (auto | onnx | keras; None reads $CHESTXRAY_BACKEND, default auto) decides whether
+        the exported `onnx_path` computes the probabilities; see `choose_backend`.
+        """
         import keras
 
         import chestxray.model.layers  # noqa: F401  (registers PixelScaling for loading)
@@ -79,36 +151,52 @@ class Classifier:
                 thresholds = json.loads((evaluation_dir / THRESHOLDS_FILE).read_text())
             if (evaluation_dir / METRICS_FILE).is_file():
                 metrics = json.loads((evaluation_dir / METRICS_FILE).read_text())
+        # $CHESTXRAY_BACKEND is for loaders that name an export (from_artifacts); without one (evaluate,
+        # the export stage) only an explicit `backend` is checked, so the variable cannot break them.
+        requested = requested_backend(backend) if backend or onnx_path is not None else "keras"
+        chosen = choose_backend(requested, onnx_path)
+        sha256 = file_sha256(model_path)
         if version is None:
-            version = "sha256:" + hashlib.sha256(model_path.read_bytes()).hexdigest()[:12]
+            version = "sha256:" + sha256[:12]
+        runner = _load_onnx(Path(onnx_path), sha256, required=requested == "onnx") if chosen == "onnx" else None
         model = keras.saving.load_model(model_path, compile=False)
-        return cls(model, info, thresholds, metrics, version)
+        return cls(model, info, thresholds, metrics, version, onnx_runner=runner)
 
     @classmethod
-    def from_artifacts(cls, root: str | Path = "artifacts") -> "Classifier":
-        """Load what the pipeline wrote under `root` (training/ and evaluation/)."""
+    def from_artifacts(cls, root: str | Path = "artifacts", backend: str | None = None) -> "Classifier":
+        """Load what the pipeline wrote under `root` (training/, evaluation/ and export/model.onnx if there)."""
         root = Path(root)
-        return cls.from_dirs(root / "training", root / "evaluation")
+        return cls.from_dirs(root / "training", root / "evaluation", onnx_path=root / EXPORT_DIR / ONNX_FILE,
+                             backend=backend)
 
     @classmethod
-    def from_registry(cls, name: str, alias: str = "champion") -> "Classifier":
-        """Load the registered model version that carries `alias` (MLFLOW_TRACKING_URI picks the store)."""
+    def from_registry(cls, name: str, alias: str = "champion", backend: str | None = None) -> "Classifier":
+        """Load the registered model version that carries `alias` (MLFLOW_TRACKING_URI picks the store).
+
+        The registry holds the Keras model only, so `backend` auto means Keras here.
+        """
         from chestxray.tracking import download_registered_model
 
         local_dir, version = download_registered_model(name, alias)
-        return cls.from_dirs(local_dir / "model", local_dir / "evaluation", version=version)
+        return cls.from_dirs(local_dir / "model", local_dir / "evaluation", version=version, backend=backend)
+
+    def _run(self, batch) -> np.ndarray:
+        """Probabilities for one batch of prepared inputs, on the chosen backend."""
+        if self.onnx_runner is not None:
+            return self.onnx_runner(np.asarray(batch, dtype=np.float32))
+        return self._forward(batch).numpy()
 
     def probabilities(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Class probabilities (N, C) for prepared inputs (N, size, size, 3)."""
         batch = np.asarray(batch, dtype=np.float32)
-        out = [self._forward(batch[i : i + batch_size]).numpy() for i in range(0, len(batch), batch_size)]
+        out = [self._run(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def probabilities_for_files(self, paths: list[str], batch_size: int = 32) -> np.ndarray:
         """Class probabilities (N, C) for image files, streamed in batches through the shared preprocessing."""
         from chestxray.data.dataset import image_dataset
 
-        out = [self._forward(batch).numpy() for batch in image_dataset(paths, self.image_size, batch_size)]
+        out = [self._run(batch) for batch in image_dataset(paths, self.image_size, batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict_arrays(self, batch: np.ndarray) -> list[Prediction]:

@@ -37,9 +37,10 @@ def load_classifier(settings: dict[str, Any]) -> ModelState:
     try:
         if settings["CHESTXRAY_MODEL_URI"]:
             name, alias = parse_model_uri(settings["CHESTXRAY_MODEL_URI"])
-            classifier = Classifier.from_registry(name, alias)
+            classifier = Classifier.from_registry(name, alias, backend=settings["CHESTXRAY_BACKEND"])
         else:
-            classifier = Classifier.from_artifacts(settings["CHESTXRAY_ARTIFACTS"])
+            classifier = Classifier.from_artifacts(settings["CHESTXRAY_ARTIFACTS"],
+                                                   backend=settings["CHESTXRAY_BACKEND"])
     except ModelNotFound as exc:
         return ModelState(error=str(exc))
     except Exception as exc:  # a broken file, a registry down: the app must still start and say so
@@ -79,7 +80,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if state.error:
         log.error("model not loaded: %s", state.error)
     else:
-        log.info("model loaded: version %s", state.classifier.version)
+        log.info("model loaded: version %s, backend %s", state.classifier.version, state.classifier.backend)
     app.extensions["chestxray"] = state
 
     from chestxray.serving import api, pages

@@ -95,7 +95,7 @@ def health():
     state = current_app.extensions["chestxray"]
     if state.classifier is None:
         return jsonify(status="unavailable", error="model_unavailable", message=state.error), 503
-    return jsonify(status="ready", model_version=state.classifier.version)
+    return jsonify(status="ready", model_version=state.classifier.version, backend=state.classifier.backend)
 
 
 @bp.get("/model/info")
@@ -104,6 +104,7 @@ def model_info():
     clf = _classifier()
     return jsonify(
         model_version=clf.version,
+        backend=clf.backend,
         classes=clf.classes,
         normal_class=clf.normal_class,
         input_size=[clf.image_size, clf.image_size, 3],
@@ -256,6 +257,7 @@ _UPLOAD_ERRORS = {
 def openapi_document() -> dict:
     """The hand-written OpenAPI 3 document for every endpoint of this blueprint."""
     number = {"type": "number"}
+    backend = {"type": "string", "enum": ["onnx", "keras"], "description": "what computes the probabilities"}
     prediction = {
         "type": "object",
         "required": ["predicted_class", "confidence", "probabilities", "low_confidence", "warnings", "model_version"],
@@ -313,9 +315,10 @@ def openapi_document() -> dict:
                 "message": {"type": "string", "description": "what is wrong, in words"}}},
             "Health": {"type": "object", "properties": {
                 "status": {"type": "string", "enum": ["ready", "unavailable"]}, "model_version": {"type": "string"},
-                "error": {"type": "string"}, "message": {"type": "string"}}},
+                "backend": backend, "error": {"type": "string"}, "message": {"type": "string"}}},
             "ModelInfo": {"type": "object", "properties": {
-                "model_version": {"type": "string"}, "classes": {"type": "array", "items": {"type": "string"}},
+                "model_version": {"type": "string"}, "backend": backend,
+                "classes": {"type": "array", "items": {"type": "string"}},
                 "normal_class": {"type": "string", "nullable": True},
                 "input_size": {"type": "array", "items": {"type": "integer"}},
                 "backbone": {"type": "string"}, "trained_at": {"type": "string"},

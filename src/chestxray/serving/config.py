@@ -12,6 +12,7 @@ MAX_SIDE = 4096
 SETTINGS: dict[str, tuple[type, Any]] = {
     "CHESTXRAY_ARTIFACTS": (str, "artifacts"),
     "CHESTXRAY_MODEL_URI": (str, ""),
+    "CHESTXRAY_BACKEND": (str, "auto"),  # auto | onnx | keras (see chestxray.model.classifier.choose_backend)
     "CHESTXRAY_MAX_BATCH": (int, 10),
     "CHESTXRAY_MAX_UPLOAD_MB": (float, 10.0),
     "GEMINI_API_KEY": (str, ""),
