@@ -138,15 +138,6 @@ def check_onnx(keras_fn, onnx_fn, batches: Iterable[tuple[list[str], np.ndarray]
     return CheckResult(max_abs_diff=worst, n_images=n, mismatched=mismatched, tolerance=tolerance)
 
 
-def image_batches(paths: list[str], image_size: int, batch_size: int = 32):
-    """(names, model inputs) per batch of image files, read through the shared preprocessing."""
-    from chestxray.data.preprocess import load_image
-
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        yield chunk, np.stack([load_image(p, image_size) for p in chunk])
-
-
 def write_check(result: CheckResult, path: str | Path, **extra) -> None:
     """Write the check as JSON (a DVC metrics file)."""
     Path(path).write_text(json.dumps({**result.to_dict(), **extra}, indent=2))

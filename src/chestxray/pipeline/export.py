@@ -55,6 +55,7 @@ def convert_and_check(model_dir: Path, paths: list[str], out: Path, tolerance: f
 
     The file appears under its final name only after the check passes, so a bad export is never served.
     """
+    from chestxray.data.dataset import image_dataset
     from chestxray.model import onnx_export as X
     from chestxray.model.classifier import MODEL_FILE, ONNX_FILE, Classifier, file_sha256
 
@@ -65,7 +66,10 @@ def convert_and_check(model_dir: Path, paths: list[str], out: Path, tolerance: f
     final.unlink(missing_ok=True)  # never leave an earlier export next to a new model
     X.export_onnx(clf.model, partial, clf.image_size, {X.META_KERAS_SHA256: keras_sha})
     runner = X.OnnxRunner.load(partial)
-    named = (([_short(p) for p in chunk], x) for chunk, x in X.image_batches(paths, clf.image_size))
+    # The same tf.data reader as training and evaluation; it keeps file order, so names line up with batches.
+    batch = 32
+    names = [[_short(p) for p in paths[i : i + batch]] for i in range(0, len(paths), batch)]
+    named = ((chunk, x.numpy()) for chunk, x in zip(names, image_dataset(paths, clf.image_size, batch)))
     result = X.check_onnx(clf.probabilities, runner, named, tolerance)
     X.write_check(result, out / CHECK_FILE, keras_sha256=keras_sha, opset=X.OPSET)
     if not result.passed:
