@@ -89,11 +89,31 @@ def set_fine_tuning(split: SplitModel, enabled: bool) -> None:
         layer.trainable = enabled and not isinstance(layer, keras.layers.BatchNormalization)
 
 
-def cache_activations(bottom: keras.Model, ds: tf.data.Dataset, dtype=np.float16) -> np.ndarray:
-    """Run the frozen bottom over a dataset once; float16 halves memory at no cost to accuracy here."""
+def cache_activations(bottom: keras.Model, ds: tf.data.Dataset, out: np.ndarray) -> np.ndarray:
+    """Run the frozen bottom over a dataset once, writing each batch into `out` (preallocated, float16).
+
+    Filling one preallocated array keeps a single copy of the cache: collecting batches and
+    concatenating them would hold two. float16 halves memory at no cost to accuracy here.
+    """
     run = tf.function(lambda batch: bottom(batch, training=False), reduce_retracing=True)  # graph mode: faster, no eager leaks
-    out = [run(batch).numpy().astype(dtype) for batch in ds]
-    return np.concatenate(out)
+    filled = 0
+    for batch in ds:
+        activations = run(batch).numpy()
+        out[filled:filled + len(activations)] = activations
+        filled += len(activations)
+    if filled != len(out):
+        raise ValueError(f"the dataset gave {filled} images for a cache of {len(out)}")
+    return out
+
+
+def run_in_batches(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """`model(x)` over a large cached array, one float32 slice at a time.
+
+    Keras' predict() would first convert all of `x` to float32 tensors: twice the cache, and more.
+    """
+    run = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True)
+    return np.concatenate([run(x[i:i + batch_size].astype(np.float32)).numpy()
+                           for i in range(0, len(x), batch_size)])
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:

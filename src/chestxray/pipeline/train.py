@@ -56,6 +56,13 @@ def _fit(model, train_ds, val_ds, epochs: int, optimizer, loss, phase: str, hist
         model.load_weights(best)
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path) -> None:
     """Cache the frozen part's activations, train the head, fine-tune the top, save model + info + history."""
     import keras
@@ -91,16 +98,20 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
             split = T.split_model(model, fine_tune_from)
 
         started = time.perf_counter()
-        val_x = T.cache_activations(split.bottom, image_dataset(paths["val"], size, batch))
-        views = [T.cache_activations(split.bottom, image_dataset(paths["train"], size, batch))]
-        for view in range(tp["augment_views"]):
-            augment = T.augmentation(tp["augment"], seed=tp["seed"] + view)
-            views.append(T.cache_activations(split.bottom, image_dataset(paths["train"], size, batch, augment)))
-        train_x, train_y = np.concatenate(views), np.tile(labels["train"], len(views))
-        del views
+        shape = tuple(split.bottom.output.shape[1:])
+        n_train, n_views = len(paths["train"]), 1 + tp["augment_views"]
+        val_x = T.cache_activations(split.bottom, image_dataset(paths["val"], size, batch),
+                                    np.empty((len(paths["val"]), *shape), np.float16))
+        # All views of the train set in one preallocated array: view 0 as is, then augmented copies.
+        train_x = np.empty((n_train * n_views, *shape), np.float16)
+        for view in range(n_views):
+            augment = T.augmentation(tp["augment"], seed=tp["seed"] + view - 1) if view else None
+            T.cache_activations(split.bottom, image_dataset(paths["train"], size, batch, augment),
+                                train_x[view * n_train:(view + 1) * n_train])
+        train_y = np.tile(labels["train"], n_views)
         cache_s = time.perf_counter() - started
-        print(f"cached activations {train_x.shape} (train, {1 + tp['augment_views']} views) "
-              f"and {val_x.shape} (val) in {cache_s:.0f}s", flush=True)
+        print(f"cached activations {train_x.shape} (train, {n_views} views) "
+              f"and {val_x.shape} (val) in {cache_s:.0f}s; peak memory {_peak_rss_mb():.0f} MB", flush=True)
 
         n = len(classes)
         weights = T.class_weights(train_y, n) if tp["loss"] == "weighted_ce" else None
@@ -109,8 +120,9 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
 
         # Phase 1: head only, on pooled features of the frozen top (seconds per epoch).
         T.set_fine_tuning(split, False)
-        pooled_train = split.pooled.predict(train_x, batch_size=64, verbose=0)
-        pooled_val = split.pooled.predict(val_x, batch_size=64, verbose=0)
+        pooled_train = T.run_in_batches(split.pooled, train_x, 64)
+        pooled_val = T.run_in_batches(split.pooled, val_x, 64)
+        print(f"pooled features {pooled_train.shape}; peak memory {_peak_rss_mb():.0f} MB", flush=True)
         with strategy.scope():
             _fit(split.head, T.arrays_dataset(pooled_train, train_y, n, batch, tp["seed"]),
                  T.arrays_dataset(pooled_val, labels["val"], n, batch), tp["head_epochs"],
@@ -125,6 +137,7 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
                  keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(tp["fine_tune_lr"], steps)),
                  loss, "fine_tune", history, tp["patience"], weights)
         train_s = time.perf_counter() - started
+        print(f"peak memory after fine-tuning {_peak_rss_mb():.0f} MB", flush=True)
 
         model.save(out / "model.keras")
         info = {
@@ -143,7 +156,7 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
         (out / "model_info.json").write_text(json.dumps(info, indent=2))
         (out / "history.json").write_text(json.dumps(history, indent=2))
         pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-        mlflow.log_metrics({"time.cache_s": cache_s, "time.train_s": train_s})
+        mlflow.log_metrics({"time.cache_s": cache_s, "time.train_s": train_s, "memory.peak_rss_mb": _peak_rss_mb()})
         mlflow.log_artifact(str(out / "history.csv"), "training")
         print(f"trained in {train_s:.0f}s; best val_auc {max(h.get('val_auc', 0) for h in history):.4f} "
               f"-> {out / 'model.keras'}")
