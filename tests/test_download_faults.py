@@ -1,0 +1,169 @@
+"""Downloads that go wrong, against a real HTTP server: cut off half-way, always cut off, the wrong file, a killed run.
+
+A cut-off download is retried (up to sources.DOWNLOAD_ATTEMPTS in all) and never used; a final
+failure is one line saying what failed and what to set; nothing partial is left behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chestxray.data import sources
+from chestxray.data.sources import DataSourceError, download_drive
+from chestxray.pipeline.ingest import ingest
+from conftest import ROOT
+from test_ingest import data_params, make_subset, make_zip
+
+
+class FaultyServer:
+    """A real HTTP server on 127.0.0.1 serving one file at any path.
+
+    The first `cut` responses announce the whole file but stop half-way and drop the connection;
+    with `stall` set, a cut response instead waits for the event before dropping. Range requests
+    are honoured (gdown resumes with them). `requests` counts the GET requests.
+    """
+
+    def __init__(self, body: bytes, cut: int = 0, stall: threading.Event | None = None):
+        self.body, self.cut, self.stall, self.requests = body, cut, stall, 0
+        self.half_sent = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.requests += 1
+                start = int(re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", "bytes=0-"))[1])
+                part = server.body[start:]
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(server.body) - 1}/{len(server.body)}")
+                self.send_header("Content-Length", str(len(part)))
+                self.end_headers()
+                if server.requests <= server.cut:
+                    self.wfile.write(part[: len(part) // 2])
+                    self.wfile.flush()
+                    server.half_sent.set()
+                    if server.stall is not None:
+                        server.stall.wait(30)
+                else:
+                    self.wfile.write(part)
+                self.close_connection = True
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/chest_xray.zip"
+
+    def __enter__(self) -> "FaultyServer":
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.stall is not None:
+            self.stall.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def archive(kermany224, tmp_path_factory) -> bytes:
+    """A zip of 28 real X-rays laid out like Kaggle's download."""
+    tmp = tmp_path_factory.mktemp("archive")
+    return make_zip(make_subset(kermany224, tmp / "subset"), tmp / "chest_xray.zip").read_bytes()
+
+
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch):
+    """Keep the waits between attempts short here (the real ones are 1 s, then 2 s)."""
+    monkeypatch.setattr(sources, "DOWNLOAD_BACKOFF_S", 0.05)
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _artifacts(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "artifacts").iterdir())
+
+
+def test_a_download_cut_off_once_is_retried_and_used_whole(archive, tmp_path):
+    with FaultyServer(archive, cut=1) as server:
+        report = ingest(data_params(server.url, checksum=_sha256(archive)), tmp_path / "artifacts" / "data")
+    assert server.requests == 2
+    assert sum(n for counts in report["counts"].values() for n in counts.values()) == 28  # every image arrived
+    assert report["rejected"] == []
+    assert _artifacts(tmp_path) == ["data"]
+
+
+def test_a_download_always_cut_off_fails_clearly_after_three_attempts(archive, tmp_path):
+    with FaultyServer(archive, cut=99) as server:
+        with pytest.raises(DataSourceError) as error:
+            ingest(data_params(server.url), tmp_path / "artifacts" / "data")
+    message = str(error.value)
+    assert server.requests == sources.DOWNLOAD_ATTEMPTS == 3
+    assert f"could not download {server.url} after 3 attempts" in message, message
+    assert f"of {len(archive):,} bytes" in message and "data.source" in message and "\n" not in message
+    assert _artifacts(tmp_path) == []  # no partial file, nothing extracted, no output
+
+
+def test_a_download_with_the_wrong_checksum_is_not_used(archive, tmp_path):
+    with FaultyServer(archive) as server:
+        with pytest.raises(DataSourceError) as error:
+            ingest(data_params(server.url, checksum="sha256:" + "0" * 64), tmp_path / "artifacts" / "data")
+    assert server.requests == 1  # the whole file arrived: asking again would bring the same bytes
+    message = str(error.value)
+    assert message.startswith(f"checksum mismatch for {server.url}") and "data.checksum" in message
+    assert _sha256(archive) in message
+    assert _artifacts(tmp_path) == []
+
+
+def test_the_stage_reports_a_cut_download_in_one_line(archive, tmp_path):
+    with FaultyServer(archive, cut=99) as server:
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": data_params(server.url)}))
+        result = subprocess.run([sys.executable, "-m", "chestxray.pipeline.ingest", "--params", "params.yaml",
+                                 "--out", "artifacts/data"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: could not download {server.url} after 3 attempts"), lines
+    assert _artifacts(tmp_path) == [".pipeline.lock"]
+
+
+def test_a_killed_download_leaves_work_that_the_next_run_removes(archive, tmp_path):
+    out = tmp_path / "artifacts" / "data"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    with FaultyServer(archive, cut=1, stall=threading.Event()) as server:
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": data_params(server.url)}))
+        run = subprocess.Popen([sys.executable, "-m", "chestxray.pipeline.ingest", "--params", "params.yaml",
+                                "--out", "artifacts/data"], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+        assert server.half_sent.wait(60)
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+        left = [p for p in (tmp_path / "artifacts").iterdir() if p.name.startswith(".data.partial-")]
+        assert len(left) == 1 and list(left[0].rglob("*.part")), "the killed run's work is still there"
+
+        report = ingest(data_params(server.url), out)  # the next run: the server now answers in full
+    assert report["rejected"] == [] and (out / "manifest.csv").is_file()
+    assert _artifacts(tmp_path) == [".pipeline.lock", "data"]
+
+
+def test_drive_downloads_retry_and_check_the_checksum_too(archive, tmp_path):
+    # gdown takes any URL; a Drive link only adds Google's confirmation page on top.
+    with FaultyServer(archive, cut=1) as server:
+        path = download_drive(server.url, tmp_path, checksum=_sha256(archive))
+    assert path.read_bytes() == archive and server.requests == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["drive-download"]
+    (tmp_path / "again").mkdir()
+    with FaultyServer(archive) as server, pytest.raises(DataSourceError, match="checksum mismatch"):
+        download_drive(server.url, tmp_path / "again", checksum="sha256:" + "0" * 64)
+    assert list((tmp_path / "again").iterdir()) == []
