@@ -6,22 +6,25 @@ started meanwhile stops at once with one line naming the running one instead of 
 artifacts. The lock is a kernel flock: it goes away with the process that held it, so a run
 that was killed never blocks the next one (the file stays; its content is only a hint).
 
-`python main.py` also takes DVC's own repository lock (.dvc/tmp/lock, the flock `dvc repro`
-holds for its whole run): DVC deletes a stage's outputs before running it, so a `dvc repro`
-started during `python main.py` must be refused by DVC before it touches anything, and
-`python main.py` must not start while `dvc repro` is between two stages.
+`python main.py` also takes DVC's own repository lock (.dvc/tmp/lock, the flock `dvc repro` holds
+except while a stage's command runs): DVC deletes a stage's outputs before running it, so a
+`dvc repro` started during `python main.py` must be refused by DVC before it touches anything, and
+`python main.py` must not start while a `dvc repro` is between two stages or inside one.
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from chestxray.atomic import pid_alive
+
 LOCK_NAME = ".pipeline.lock"
 LOCK_FILE = Path("artifacts") / LOCK_NAME
-DVC_LOCK_FILE = Path(".dvc/tmp/lock")
+DVC_DIR = Path(".dvc")  # DVC's repository lock is .dvc/tmp/lock
 
 _held: set[Path] = set()  # locks this process holds: a stage run inside `python main.py` takes them again
 
@@ -78,13 +81,29 @@ def pipeline_lock(lock_file: Path = LOCK_FILE) -> Iterator[None]:
         yield
 
 
+def _dvc_stage_running(dvc_tmp: Path) -> int | None:
+    """The pid of a live DVC process that holds stage outputs in .dvc/tmp/rwlock (DVC lets go of its
+    repository lock while a stage's command runs, and keeps this record instead), or None."""
+    try:
+        record = json.loads((dvc_tmp / "rwlock").read_text())
+        holders = [*record.get("write", {}).values(), *(i for infos in record.get("read", {}).values() for i in infos)]
+        pids = [int(info["pid"]) for info in holders]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # none, or not DVC's format: no evidence
+        return None
+    return next((pid for pid in pids if pid_alive(pid)), None)
+
+
 @contextmanager
-def whole_run_lock(lock_file: Path = LOCK_FILE, dvc_lock_file: Path = DVC_LOCK_FILE) -> Iterator[None]:
-    """For `python main.py`: the pipeline lock, and DVC's repository lock when this is a DVC repository."""
-    with pipeline_lock(lock_file):
-        if dvc_lock_file.parent.parent.is_dir():  # .dvc/ exists
-            with _flock(dvc_lock_file, "a DVC command (pid {pid}, e.g. `dvc repro`) is running in this repository: "
-                                       "wait for it to finish, or stop it, and run again"):
-                yield
-        else:
-            yield
+def whole_run_lock(lock_file: Path = LOCK_FILE, dvc_dir: Path = DVC_DIR) -> Iterator[None]:
+    """For `python main.py`: the pipeline lock, and in a DVC repository DVC's repository lock too,
+    refusing while a `dvc repro` runs (between stages it holds that lock; during one, its rwlock record)."""
+    busy = ("a DVC command (pid {pid}, e.g. `dvc repro`) is running in this repository: wait for it to finish, "
+            "or stop it (kill {pid}) and run again")
+    with ExitStack() as stack:
+        stack.enter_context(pipeline_lock(lock_file))
+        if dvc_dir.is_dir():
+            stack.enter_context(_flock(dvc_dir / "tmp" / "lock", busy))
+            pid = _dvc_stage_running(dvc_dir / "tmp")
+            if pid is not None:
+                raise PipelineBusy(busy.format(pid=pid))
+        yield
