@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,17 @@ def test_the_stage_reports_a_cut_download_in_one_line(archive, tmp_path):
     assert _artifacts(tmp_path) == [".pipeline.lock"]
 
 
+def _wait_for_part(folder: Path, run: subprocess.Popen, timeout_s: float = 60) -> Path:
+    """The .part file a running download is writing (created once the response headers arrived)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and run.poll() is None:
+        parts = list(folder.glob(".data.partial-*/fetch/download/*.part"))
+        if parts:
+            return parts[0]
+        time.sleep(0.05)
+    pytest.fail("the download never started writing its .part file")
+
+
 def test_a_killed_download_leaves_work_that_the_next_run_removes(archive, tmp_path):
     out = tmp_path / "artifacts" / "data"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -96,10 +108,10 @@ def test_a_killed_download_leaves_work_that_the_next_run_removes(archive, tmp_pa
         run = subprocess.Popen([sys.executable, "-m", "chestxray.pipeline.ingest", "--params", "params.yaml",
                                 "--out", "artifacts/data"], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
         assert server.half_sent.wait(60)
-        os.kill(run.pid, signal.SIGKILL)
+        part = _wait_for_part(tmp_path / "artifacts", run)
+        os.kill(run.pid, signal.SIGKILL)  # in the middle of the download
         run.wait()
-        left = [p for p in (tmp_path / "artifacts").iterdir() if p.name.startswith(".data.partial-")]
-        assert len(left) == 1 and list(left[0].rglob("*.part")), "the killed run's work is still there"
+        assert part.is_file() and part.parent.parent.parent.name.startswith(f".data.partial-{run.pid}-")
 
         report = ingest(data_params(server.url), out)  # the next run: the server now answers in full
     assert report["rejected"] == [] and (out / "manifest.csv").is_file()
