@@ -19,6 +19,7 @@ from chestxray.settings import load_config, load_params
 
 CHECKPOINT = ".best"  # the best epoch's weights while a phase trains (see _fit)
 
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
