@@ -3,11 +3,13 @@
     python main.py            # all stages
     python main.py train evaluate
 
-Prefer `dvc repro`: it skips stages whose inputs did not change.
+Prefer `dvc repro`: it skips stages whose inputs did not change. One run at a time: while this runs,
+another `python main.py` or a `dvc repro` in the same folder is refused (see chestxray.pipeline.lock).
 """
 import sys
 
 from chestxray.pipeline import evaluate, export, ingest, prepare_base_model, train
+from chestxray.pipeline.lock import PipelineBusy, whole_run_lock
 
 STAGES = {
     "ingest": ingest.main,
@@ -22,9 +24,13 @@ def run(names: list[str]) -> None:
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         sys.exit(f"error: unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(STAGES)}")
-    for name in names or list(STAGES):
-        print(f">>> stage {name}", flush=True)
-        STAGES[name]([])
+    try:
+        with whole_run_lock():
+            for name in names or list(STAGES):
+                print(f">>> stage {name}", flush=True)
+                STAGES[name]([])
+    except PipelineBusy as exc:
+        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":

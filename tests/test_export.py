@@ -64,7 +64,7 @@ def test_export_writes_onnx_and_a_passing_check(exported):
     assert check["n_images"] == 12 and check["mismatched"] == []
     assert 0.0 <= check["max_abs_diff"] <= TOLERANCE
     assert (exported / "export" / ONNX_FILE).stat().st_size > 100_000
-    assert not list((exported / "export").glob("*.partial"))
+    assert not list((exported / "export").glob("*partial*"))  # no temporary file left
 
 
 def test_failed_check_fails_the_stage_in_one_line(tiny_artifacts, kermany224, tmp_path, capsys):
@@ -77,6 +77,7 @@ def test_failed_check_fails_the_stage_in_one_line(tiny_artifacts, kermany224, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ONNX model does not match Keras"), err
     assert not (root / "export" / ONNX_FILE).exists()  # a failed export is never served
+    assert not list((root / "export").glob("*partial*"))  # nor left behind under another name
     assert json.loads((root / "export" / "check.json").read_text())["passed"] is False
 
 

@@ -2,65 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import ROOT
+from dvc_project import CLASSES, TEST_PER_CLASS, make_project, run_ok
 
 pytestmark = pytest.mark.slow
-
-CLASSES = ("NORMAL", "PNEUMONIA")
-
-
-def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-def _subset(kermany224: Path, dest: Path, per_class: dict[str, int]) -> None:
-    """Copy the first n real images of each class and split (sorted, so patients stay together mostly)."""
-    for split, n in per_class.items():
-        for label in CLASSES:
-            target = dest / split / label
-            target.mkdir(parents=True)
-            for path in sorted((kermany224 / split / label).glob("*.jpeg"))[:n]:
-                shutil.copy(path, target)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, kermany224):
-    """A git+DVC repo holding this project's pipeline with tiny params, and the env to run it."""
-    tmp = tmp_path_factory.mktemp("e2e")
-    data = tmp / "source"
-    _subset(kermany224, data, {"train": 40, "test": 12})
-    repo = tmp / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", "config"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
-    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(source=str(data), val_fraction=0.25)
-    params["base_model"].update(backbone="mobilenetv2", weights="none", image_size=96)
-    params["train"].update(head_epochs=2, fine_tune_epochs=1, augment_views=1, batch_size=16)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    _run(["git", "init", "-q"], repo, env)
-    _run(["dvc", "init", "-q"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "pipeline"], repo, env)
-    first = _run(["dvc", "repro"], repo, env)
-    return repo, env, params, first
+    """A git+DVC repo holding this project's pipeline with tiny params after one `dvc repro`, and the env to run it."""
+    made = make_project(tmp_path_factory.mktemp("e2e"), kermany224)
+    first = run_ok(["dvc", "repro"], made.repo, made.env)
+    return made.repo, made.env, made.params, first
 
 
 def test_repro_writes_metrics_and_plots(project):
@@ -68,7 +23,7 @@ def test_repro_writes_metrics_and_plots(project):
     metrics = json.loads((repo / "artifacts/evaluation/metrics.json").read_text())
     for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "ece"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    assert metrics["n_test"] == 24
+    assert metrics["n_test"] == 2 * TEST_PER_CLASS
     assert set(metrics["per_class"]) == set(CLASSES)
     thresholds = json.loads((repo / "artifacts/evaluation/thresholds.json").read_text())
     assert thresholds["chosen_on"] == "validation" and 0.0 <= thresholds["decision_threshold"] <= 1.0
@@ -77,7 +32,7 @@ def test_repro_writes_metrics_and_plots(project):
     info = json.loads((repo / "artifacts/training/model_info.json").read_text())
     assert info["classes"] == list(CLASSES) and info["image_size"] == 96
     check = json.loads((repo / "artifacts/export/check.json").read_text())
-    assert check["passed"] and check["n_images"] == 24 and check["mismatched"] == []
+    assert check["passed"] and check["n_images"] == 2 * TEST_PER_CLASS and check["mismatched"] == []
     assert check["max_abs_diff"] <= 1e-4
     assert (repo / "artifacts/export/model.onnx").stat().st_size > 100_000
 
@@ -106,9 +61,9 @@ def test_mlflow_run_and_registered_champion(project):
 
 def test_second_repro_does_nothing_and_train_param_reruns_only_train_evaluate_export(project):
     repo, env, params, _ = project
-    again = _run(["dvc", "repro"], repo, env)
+    again = run_ok(["dvc", "repro"], repo, env)
     assert "Running stage" not in again.stdout, again.stdout
-    changed = _run(["dvc", "exp", "run", "-S", "train.head_lr=0.002"], repo, env)
+    changed = run_ok(["dvc", "exp", "run", "-S", "train.head_lr=0.002"], repo, env)
     ran = {line.split("'")[1] for line in changed.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"train", "evaluate", "export"}, changed.stdout
 

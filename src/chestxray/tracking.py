@@ -2,18 +2,26 @@
 
 The train stage opens the run and writes its id to a small JSON file (a DVC output); evaluate
 reopens the same run, so a pipeline run that changes the model is exactly one MLflow run.
+
+A run records the machine and process that hold it (tags chestxray.host, chestxray.pid). A stage
+killed outright (SIGKILL, power loss) cannot end its run, which would stay RUNNING for ever; the
+next train stage marks such runs KILLED (`close_abandoned_runs`).
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
 
+from chestxray.atomic import pid_alive, write_json
+
 CHAMPION = "champion"
+HOST_TAG, PID_TAG = "chestxray.host", "chestxray.pid"
 
 
 def tracking_uri(config: dict | None = None) -> str:
@@ -47,21 +55,41 @@ def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _holder_tags() -> dict[str, str]:
+    """Which process holds a run: this machine and this process."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def close_abandoned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs of this experiment left RUNNING by a process of this machine that no longer exists."""
+    client = MlflowClient()
+    running = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                                                f"tags.`{HOST_TAG}` = '{socket.gethostname()}'")
+    closed = []
+    for run in running:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and not pid_alive(int(pid)):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
 def start_run(config: dict, run_file: Path, run_name: str | None = None) -> mlflow.ActiveRun:
-    """Open a new run and record its id in `run_file` for the later stages."""
+    """Open a new run and record its id in `run_file` for the later stages; first close abandoned runs."""
     setup(config)
-    run = mlflow.start_run(run_name=run_name)
-    run_file.parent.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": run.info.experiment_id}, indent=2))
+    experiment = mlflow.get_experiment_by_name(config["mlflow"]["experiment"])
+    for run_id in close_abandoned_runs(experiment.experiment_id):
+        print(f"MLflow run {run_id} was left running by a process that no longer exists: marked KILLED", flush=True)
+    run = mlflow.start_run(run_name=run_name, tags=_holder_tags())
+    write_json(run_file, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
     return run
 
 
 def resume_run(config: dict, run_file: Path) -> mlflow.ActiveRun:
     """Reopen the run that the train stage started (or a new one if its record is missing)."""
     setup(config)
-    if run_file.is_file():
-        return mlflow.start_run(run_id=json.loads(run_file.read_text())["run_id"])
-    return mlflow.start_run()
+    run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+    return mlflow.start_run(run_id=run_id, tags=_holder_tags())  # this process holds it now
 
 
 def log_model(model, example, probabilities, extra_files: list[Path], registered_name: str) -> str:

@@ -12,9 +12,11 @@ import hashlib
 import lzma
 import re
 import tarfile
+import time
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 import requests
@@ -22,6 +24,8 @@ import requests
 HINT = "set data.source in params.yaml to a folder, archive, URL or Google Drive link"
 SPLITS = ("train", "val", "test")
 DOWNLOAD_TIMEOUT = (10, 60)  # seconds: to connect, and between two reads
+DOWNLOAD_ATTEMPTS = 3  # a dropped connection or a short body is tried again, this many times in all
+DOWNLOAD_BACKOFF_S = 1.0  # wait before the 2nd attempt; doubled before each next one (1 s, 2 s)
 _DRIVE_HOSTS = {"drive.google.com", "docs.google.com", "drive.usercontent.google.com"}
 _DRIVE_ID = re.compile(r"[A-Za-z0-9_-]{25,}")
 _CHUNK = 1 << 20
@@ -69,38 +73,87 @@ def _request_reason(exc: requests.RequestException) -> str:
     return errno_text.group(1).strip().lower() if errno_text else exc.__class__.__name__
 
 
-def download_url(url: str, folder: Path, timeout: tuple[float, float] = DOWNLOAD_TIMEOUT) -> Path:
-    """Stream `url` into `folder`; the file gets its final name only once it is complete."""
-    target = folder / (Path(urlparse(url).path).name or "download")
-    part = target.with_name(target.name + ".part")
+class _Retryable(Exception):
+    """A download attempt that failed in a way another attempt may not: a dropped connection, a short body, a 5xx."""
+
+
+def _get_once(url: str, part: Path, timeout: tuple[float, float]) -> None:
+    """One attempt: stream `url` into `part`; raise _Retryable or DataSourceError on failure."""
+    size, expected = 0, None
     try:
         with requests.get(url, stream=True, timeout=timeout) as response:
+            if response.status_code >= 500 or response.status_code == 429:
+                raise _Retryable(f"HTTP {response.status_code}")
             response.raise_for_status()
             # With a Content-Encoding, requests decodes on the fly and the header counts encoded bytes.
-            expected = None if response.headers.get("Content-Encoding") else response.headers.get("Content-Length")
-            size = 0
+            if not response.headers.get("Content-Encoding") and response.headers.get("Content-Length", "").isdigit():
+                expected = int(response.headers["Content-Length"])
             with open(part, "wb") as f:
                 for chunk in response.iter_content(_CHUNK):
                     f.write(chunk)
                     size += len(chunk)
     except requests.HTTPError as exc:
-        part.unlink(missing_ok=True)
         status = exc.response.status_code if exc.response is not None else "error"
         raise DataSourceError(f"could not download {url}: HTTP {status}: check the URL or {HINT}") from None
     except requests.RequestException as exc:
-        part.unlink(missing_ok=True)
-        reason = _request_reason(exc)
-        advice = f"check the URL and the network, or {HINT}"
-        raise DataSourceError(f"could not download {url} ({reason}): {advice}") from None
-    if expected is not None and size != int(expected):
-        part.unlink(missing_ok=True)
-        got = f"{size:,} of {int(expected):,} bytes"
-        raise DataSourceError(f"download of {url} is incomplete ({got}): retry, or {HINT}")
+        cut = isinstance(exc, requests.exceptions.ChunkedEncodingError) and expected is not None
+        raise _Retryable(f"cut off after {size:,} of {expected:,} bytes" if cut else _request_reason(exc)) from None
+    if expected is not None and size != expected:  # urllib3 checks this too; never trust a short file
+        raise _Retryable(f"cut off after {size:,} of {expected:,} bytes")
+
+
+def _with_retries(attempt: Callable[[], None], attempts: int, backoff_s: float) -> str | None:
+    """Call `attempt` up to `attempts` times, waiting backoff_s, 2*backoff_s, ... between; the last reason or None."""
+    reason = None
+    for number in range(1, attempts + 1):
+        try:
+            attempt()
+            return None
+        except _Retryable as exc:
+            reason = str(exc)
+        if number < attempts:
+            time.sleep(backoff_s * 2 ** (number - 1))
+    return reason
+
+
+def _publish(part: Path, target: Path, source: str, checksum: str | None) -> Path:
+    """Check a complete download against `checksum`, then give it its final name (never before)."""
+    if checksum:
+        try:
+            verify_checksum(part, checksum, source)
+        except DataSourceError:
+            part.unlink(missing_ok=True)
+            raise
     return part.rename(target)
 
 
-def download_drive(source: str, folder: Path, timeout: tuple[float, float] = DOWNLOAD_TIMEOUT) -> Path:
-    """Download a Google Drive file (share link or bare file id) into `folder` with gdown."""
+def download_url(url: str, folder: Path, checksum: str | None = None,
+                 timeout: tuple[float, float] = DOWNLOAD_TIMEOUT) -> Path:
+    """Stream `url` into `folder`, retrying a dropped or short download (DOWNLOAD_ATTEMPTS in all, waiting
+    DOWNLOAD_BACKOFF_S, then twice that, ...); the file gets its final name only once it is complete and
+    matches `checksum` ("sha256:<hex>", optional)."""
+    target = folder / (Path(urlparse(url).path).name or "download")
+    part = target.with_name(target.name + ".part")
+    attempts = DOWNLOAD_ATTEMPTS
+    try:
+        reason = _with_retries(lambda: _get_once(url, part, timeout), attempts, DOWNLOAD_BACKOFF_S)
+    except DataSourceError:
+        part.unlink(missing_ok=True)
+        raise
+    if reason is not None:
+        part.unlink(missing_ok=True)
+        raise DataSourceError(f"could not download {url} after {attempts} attempts ({reason}): "
+                              f"check the URL and the network, or {HINT}")
+    return _publish(part, target, url, checksum)
+
+
+def download_drive(source: str, folder: Path, checksum: str | None = None,
+                   timeout: tuple[float, float] = DOWNLOAD_TIMEOUT) -> Path:
+    """Download a Google Drive file (share link or bare file id) into `folder` with gdown.
+
+    gdown retries a dropped connection itself (DOWNLOAD_ATTEMPTS in all, resuming where it stopped,
+    with its own random waits) and refuses a body shorter than announced; the checksum is checked here.
+    """
     import gdown
 
     part = folder / "drive-download.part"
@@ -108,7 +161,8 @@ def download_drive(source: str, folder: Path, timeout: tuple[float, float] = DOW
     # gdown finds the file id in share links itself (/file/d/<id>/view, open?id=<id>, uc?id=<id>).
     where = {"url": source} if source.startswith(("http://", "https://")) else {"id": source}
     try:
-        result = gdown.download(**where, output=str(part), quiet=True, timeout=timeout)
+        result = gdown.download(**where, output=str(part), quiet=True, timeout=timeout,
+                               retries=DOWNLOAD_ATTEMPTS - 1)
     except Exception as exc:  # gdown raises its own errors, requests' errors and OSError
         part.unlink(missing_ok=True)
         reason = _request_reason(exc) if isinstance(exc, requests.RequestException) else _one_line(exc)
@@ -116,7 +170,7 @@ def download_drive(source: str, folder: Path, timeout: tuple[float, float] = DOW
         raise DataSourceError(f"could not download Google Drive file {source} ({reason}): {advice}") from None
     if not result or not part.is_file():
         raise DataSourceError(f"could not download Google Drive file {source}: {advice}")
-    return part.rename(folder / "drive-download")
+    return _publish(part, folder / "drive-download", source, checksum)
 
 
 def verify_checksum(path: Path, checksum: str, source: str) -> None:
@@ -228,11 +282,11 @@ def fetch(source: str, workdir: Path, checksum: str | None = None) -> Path:
     downloads = workdir / "download"
     downloads.mkdir(parents=True, exist_ok=True)
     if kind == "url":
-        archive = download_url(source, downloads)
+        archive = download_url(source, downloads, checksum)
     elif kind == "drive":
-        archive = download_drive(source, downloads)
+        archive = download_drive(source, downloads, checksum)
     else:
         archive = Path(source).expanduser()
-    if checksum:
-        verify_checksum(archive, checksum, source)
+        if checksum:
+            verify_checksum(archive, checksum, source)
     return find_dataset_root(extract(archive, workdir / "extracted", source), source)

@@ -143,6 +143,9 @@ class Classifier:
         model_path = model_dir / MODEL_FILE
         if not model_path.is_file():
             raise ModelNotFound(f"no trained model at {model_path} -- run `dvc repro` (or `python main.py`) first")
+        if not (model_dir / INFO_FILE).is_file():  # train writes it last: without it the output is incomplete
+            raise ModelNotFound(f"the training output in {model_dir} is incomplete (no {INFO_FILE}: the train stage "
+                                "did not finish) -- run `dvc repro` (or `python main.py`) again")
         info = json.loads((model_dir / INFO_FILE).read_text())
         thresholds = metrics = None
         if evaluation_dir is not None:

@@ -9,9 +9,9 @@ opened, registers the model and moves the `champion` alias to it if it beats the
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from chestxray.atomic import atomic_path, write_json
 from chestxray.pipeline.common import run_stage
 from chestxray.settings import load_config, load_params
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="artifacts/evaluation")
     args = parser.parse_args(argv)
     run_stage(lambda: evaluate(load_params(args.params, "evaluate"), load_config(args.config), Path(args.data),
-                               Path(args.model), Path(args.out)))
+                               Path(args.model), Path(args.out)), Path(args.out))
 
 
 def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: Path) -> None:
@@ -54,14 +54,15 @@ def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: P
     metrics["n_test"] = int(len(y["test"]))
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    write_json(out / METRICS_FILE, metrics)
     thresholds = {"decision_threshold": threshold, "low_confidence": params["low_confidence"],
                   "chosen_on": "validation", "rule": "abnormal when 1 - P(normal) >= decision_threshold"}
-    (out / THRESHOLDS_FILE).write_text(json.dumps(thresholds, indent=2))
+    write_json(out / THRESHOLDS_FILE, thresholds)
     predictions = pd.DataFrame({"path": rows["test"].path.values, "label": rows["test"].label.values,
                                 "predicted": [classes[k] for k in tables["predicted"]],
                                 **{f"p_{c}": probs["test"][:, k] for k, c in enumerate(classes)}})
-    predictions.to_csv(out / "predictions.csv", index=False)
+    with atomic_path(out / "predictions.csv") as temp:
+        predictions.to_csv(temp, index=False)
     roc = roc_table(y["test"], probs["test"], classes, normal)
     write_plot_data(out / "plots", y["test"], tables["predicted"], classes, roc, tables["reliability"])
     figures = save_figures(out / "figures", tables["confusion"], classes, roc, tables["reliability"],

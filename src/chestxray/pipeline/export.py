@@ -10,9 +10,9 @@ are logged to the MLflow run that train opened.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from chestxray.atomic import atomic_path
 from chestxray.pipeline.common import run_stage
 from chestxray.settings import load_config
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"largest accepted |p_onnx - p_keras| (default {TOLERANCE:g})")
     args = parser.parse_args(argv)
     run_stage(lambda: export(load_config(args.config), Path(args.data), Path(args.model), Path(args.out),
-                             args.tolerance))
+                             args.tolerance), Path(args.out))
 
 
 def split_paths(data_dir: Path, split: str = "test") -> list[str]:
@@ -61,21 +61,19 @@ def convert_and_check(model_dir: Path, paths: list[str], out: Path, tolerance: f
 
     clf = Classifier.from_dirs(model_dir, backend="keras")
     keras_sha = file_sha256(model_dir / MODEL_FILE)
-    out.mkdir(parents=True, exist_ok=True)
-    final, partial = out / ONNX_FILE, out / (ONNX_FILE + ".partial")
+    final = out / ONNX_FILE
     final.unlink(missing_ok=True)  # never leave an earlier export next to a new model
-    X.export_onnx(clf.model, partial, clf.image_size, {X.META_KERAS_SHA256: keras_sha})
-    runner = X.OnnxRunner.load(partial)
-    # The same tf.data reader as training and evaluation; it keeps file order, so names line up with batches.
-    batch = 32
-    names = [[_short(p) for p in paths[i : i + batch]] for i in range(0, len(paths), batch)]
-    named = ((chunk, x.numpy()) for chunk, x in zip(names, image_dataset(paths, clf.image_size, batch)))
-    result = X.check_onnx(clf.probabilities, runner, named, tolerance)
-    X.write_check(result, out / CHECK_FILE, keras_sha256=keras_sha, opset=X.OPSET)
-    if not result.passed:
-        partial.unlink(missing_ok=True)
-        raise ValueError(f"{result.failure()} (details in {out / CHECK_FILE})")
-    os.replace(partial, final)
+    with atomic_path(final) as partial:  # removed, not published, if the check fails
+        X.export_onnx(clf.model, partial, clf.image_size, {X.META_KERAS_SHA256: keras_sha})
+        runner = X.OnnxRunner.load(partial)
+        # The same tf.data reader as training and evaluation; it keeps file order, so names line up with batches.
+        batch = 32
+        names = [[_short(p) for p in paths[i : i + batch]] for i in range(0, len(paths), batch)]
+        named = ((chunk, x.numpy()) for chunk, x in zip(names, image_dataset(paths, clf.image_size, batch)))
+        result = X.check_onnx(clf.probabilities, runner, named, tolerance)
+        X.write_check(result, out / CHECK_FILE, keras_sha256=keras_sha, opset=X.OPSET)
+        if not result.passed:
+            raise ValueError(f"{result.failure()} (details in {out / CHECK_FILE})")
     return result
 
 

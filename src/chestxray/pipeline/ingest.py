@@ -15,12 +15,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chestxray.atomic import leftover_name, remove_dead_leftovers
 from chestxray.data.sources import DataSourceError, fetch, split_folders
 from chestxray.data.split import patient_classes, patient_id, split_patients
 from chestxray.data.validate import validate_bytes
@@ -184,7 +184,10 @@ def ingest(data: dict[str, Any], out: Path) -> dict[str, Any]:
     _check_params(data)
     source, policy, seed = str(data["source"] or ""), data.get("patient_overlap", "drop"), int(data["seed"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # same disk as out: moves, not copies
+    # Beside `out` (same disk: moves, not copies), named after this process: a killed run's is removed here.
+    remove_dead_leftovers(out.parent, f".{out.name}")
+    work = out.parent / leftover_name(f".{out.name}")
+    work.mkdir()
     try:
         root = fetch(source, work / "fetch", data.get("checksum"))
         classes, files, stray = scan(root)
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="artifacts/data")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    run_stage(lambda: print(summary(ingest(load_params(args.params)["data"], out), out)))
+    run_stage(lambda: print(summary(ingest(load_params(args.params)["data"], out), out)), out)
 
 
 if __name__ == "__main__":

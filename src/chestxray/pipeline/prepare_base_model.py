@@ -8,6 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
+from chestxray.atomic import atomic_path, write_json
 from chestxray.pipeline.common import run_stage
 from chestxray.settings import load_params
 
@@ -18,7 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default="artifacts/data", help="ingest output (its report.json names the classes)")
     parser.add_argument("--out", default="artifacts/base_model")
     args = parser.parse_args(argv)
-    run_stage(lambda: prepare(load_params(args.params, "base_model"), Path(args.data), Path(args.out)))
+    out = Path(args.out)
+    run_stage(lambda: prepare(load_params(args.params, "base_model"), Path(args.data), out), out)
 
 
 def prepare(params: dict, data_dir: Path, out: Path) -> None:
@@ -31,11 +33,12 @@ def prepare(params: dict, data_dir: Path, out: Path) -> None:
     model = build_model(params["backbone"], params["image_size"], len(classes), params["weights"],
                         params["dropout"], params["dense_units"], truncate_before)
     out.mkdir(parents=True, exist_ok=True)
-    model.save(out / "base_model.keras")
+    with atomic_path(out / "base_model.keras") as temp:
+        model.save(temp)
     summary = {"backbone": params["backbone"], "image_size": params["image_size"], "classes": classes,
                "weights": str(params["weights"]), "truncate_before": truncate_before,
                "parameters": int(model.count_params())}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     print(f"{params['backbone']} at {params['image_size']} px for {len(classes)} classes: "
           f"{summary['parameters']:,} parameters -> {out / 'base_model.keras'}")
 

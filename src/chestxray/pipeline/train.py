@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from chestxray.atomic import atomic_path, leftover_name, remove_dead_leftovers, write_json
 from chestxray.pipeline.common import run_stage
 from chestxray.settings import load_config, load_params
+
+CHECKPOINT = ".best"  # the best epoch's weights while a phase trains (see _fit)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,12 +29,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="artifacts/training")
     args = parser.parse_args(argv)
     run_stage(lambda: train(load_params(args.params), load_config(args.config), Path(args.data),
-                            Path(args.base_model), Path(args.out)))
+                            Path(args.base_model), Path(args.out)), Path(args.out))
 
 
 def _fit(model, train_ds, val_ds, epochs: int, optimizer, loss, phase: str, history: list, patience: int,
-         class_weight=None) -> None:
-    """Compile and fit one phase, keep the best epoch by validation AUC, and log every epoch to MLflow."""
+         work: Path, class_weight=None) -> None:
+    """Compile and fit one phase, keep the best epoch by validation AUC, and log every epoch to MLflow.
+
+    The best epoch's weights wait in `work` under a name carrying this process id, so a killed
+    run's checkpoint is recognised and removed by the next run (remove_dead_leftovers).
+    """
     import keras
     import mlflow
 
@@ -41,8 +47,8 @@ def _fit(model, train_ds, val_ds, epochs: int, optimizer, loss, phase: str, hist
     if epochs <= 0:
         return
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy", keras.metrics.AUC(name="auc")])
-    with tempfile.TemporaryDirectory() as tmp:
-        best = Path(tmp) / "best.weights.h5"
+    best = work / leftover_name(CHECKPOINT, ".weights.h5")
+    try:
         model.fit(
             train_ds, validation_data=val_ds, epochs=epochs, class_weight=class_weight, verbose=2,
             callbacks=[
@@ -54,6 +60,8 @@ def _fit(model, train_ds, val_ds, epochs: int, optimizer, loss, phase: str, hist
             ],
         )
         model.load_weights(best)
+    finally:
+        best.unlink(missing_ok=True)
 
 
 def _peak_rss_mb() -> float:
@@ -75,6 +83,7 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
     from chestxray.model import training as T
     from chestxray.data.dataset import image_dataset
     from chestxray.model.backbones import get_backbone, resolve
+    from chestxray.model.classifier import INFO_FILE, MODEL_FILE
 
     tp, bp = params["train"], params["base_model"]
     keras.utils.set_random_seed(tp["seed"])
@@ -87,6 +96,7 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
     truncate_before, fine_tune_from = resolve(bp["backbone"], bp.get("truncate_before", "auto"), tp["fine_tune_from"])
 
     out.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(out, CHECKPOINT)
     strategy = T.get_strategy()
     with tracking.start_run(config, out / "mlflow_run.json", run_name=f"{bp['backbone']}-{size}px"):
         mlflow.log_params(tracking.flatten({k: params[k] for k in ("data", "base_model", "train")}))
@@ -126,7 +136,7 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
         with strategy.scope():
             _fit(split.head, T.arrays_dataset(pooled_train, train_y, n, batch, tp["seed"]),
                  T.arrays_dataset(pooled_val, labels["val"], n, batch), tp["head_epochs"],
-                 keras.optimizers.Adam(tp["head_lr"]), loss, "head", history, tp["patience"], weights)
+                 keras.optimizers.Adam(tp["head_lr"]), loss, "head", history, tp["patience"], out, weights)
 
         # Phase 2: unfreeze the layers above the cut and fine-tune them with the head.
         T.set_fine_tuning(split, True)
@@ -135,11 +145,15 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
             _fit(split.top, T.arrays_dataset(train_x, train_y, n, batch, tp["seed"]),
                  T.arrays_dataset(val_x, labels["val"], n, batch), tp["fine_tune_epochs"],
                  keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(tp["fine_tune_lr"], steps)),
-                 loss, "fine_tune", history, tp["patience"], weights)
+                 loss, "fine_tune", history, tp["patience"], out, weights)
         train_s = time.perf_counter() - started
         print(f"peak memory after fine-tuning {_peak_rss_mb():.0f} MB", flush=True)
 
-        model.save(out / "model.keras")
+        with atomic_path(out / MODEL_FILE) as temp:
+            model.save(temp)
+        write_json(out / "history.json", history)
+        with atomic_path(out / "history.csv") as temp:
+            pd.DataFrame(history).to_csv(temp, index=False)
         info = {
             "classes": classes,
             "normal_class": params["data"].get("normal_class", "NORMAL") if "NORMAL" in classes else None,
@@ -153,13 +167,11 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
             "dataset_sha256": report["dataset_sha256"],
             "mlflow_run_id": mlflow.active_run().info.run_id,
         }
-        (out / "model_info.json").write_text(json.dumps(info, indent=2))
-        (out / "history.json").write_text(json.dumps(history, indent=2))
-        pd.DataFrame(history).to_csv(out / "history.csv", index=False)
+        write_json(out / INFO_FILE, info)  # last: its presence means the training output is complete
         mlflow.log_metrics({"time.cache_s": cache_s, "time.train_s": train_s, "memory.peak_rss_mb": _peak_rss_mb()})
         mlflow.log_artifact(str(out / "history.csv"), "training")
         print(f"trained in {train_s:.0f}s; best val_auc {max(h.get('val_auc', 0) for h in history):.4f} "
-              f"-> {out / 'model.keras'}")
+              f"-> {out / MODEL_FILE}")
 
 
 if __name__ == "__main__":
