@@ -48,6 +48,12 @@ def build_prompt(prediction: dict[str, Any], explained_class: str | None = None)
     )
 
 
+def load_sdk() -> None:
+    """Import the google-genai SDK now (seconds on a slow machine), outside any call's timeout."""
+    from google import genai  # noqa: F401
+    from google.genai import errors, types  # noqa: F401
+
+
 def _client(api_key: str, base_url: str | None, timeout_s: float):
     from google import genai
     from google.genai import types
@@ -102,6 +108,7 @@ def explain_prediction(
     if not api_key:
         return None, "no Gemini API key configured (set GEMINI_API_KEY)"
     prompt = build_prompt(prediction, explained_class)
+    load_sdk()  # a no-op once imported; the deadline below covers the call alone, never the import
     future = _POOL.submit(_generate, api_key, model, base_url, timeout_s, prompt, gradcam_png)
     try:
         text = future.result(timeout=timeout_s + 1.0)
