@@ -91,6 +91,8 @@ def _reason(exc: BaseException) -> str:
         return f"Gemini API error (HTTP {exc.code})"
     if "timeout" in type(exc).__name__.lower():
         return "Gemini did not answer in time"
+    if isinstance(exc, ValueError):  # JSONDecodeError, pydantic's ValidationError: not the API's JSON
+        return "Gemini returned a malformed answer"
     return f"Gemini call failed ({type(exc).__name__})"
 
 
