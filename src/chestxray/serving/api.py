@@ -189,11 +189,14 @@ def _error_response(description: str) -> dict:
 
 
 def _upload_body(field: str, many: bool, extra: dict | None = None) -> dict:
-    file_schema = {"type": "string", "format": "binary"}
-    prop = {"type": "array", "items": file_schema} if many else file_schema
+    file_schema = {"type": "string", "format": "binary",
+                   "description": "JPEG, PNG or DICOM, 128-4096 px a side, at most CHESTXRAY_MAX_UPLOAD_MB"}
+    prop = ({"type": "array", "items": file_schema, "minItems": 1, "maxItems": current_app.config["CHESTXRAY_MAX_BATCH"]}
+            if many else file_schema)
     props = {field: prop, **(extra or {})}
-    return {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": [field], "properties": props}}}}
+    return {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": [field], "properties": props},
+        "encoding": {field: {"contentType": "image/jpeg, image/png, application/dicom"}}}}}
 
 
 _UPLOAD_ERRORS = {
