@@ -45,7 +45,8 @@ def run(artifacts: Path, clients: int, n_requests: int, max_seconds: float, port
     audited = sum(1 for _ in open(log_dir / "audit.jsonl", encoding="utf-8"))
     return {
         "model_version": health.get("model_version"), "backend": health.get("backend"),
-        "artifacts": str(artifacts), "images": len(uploads), "warm_up": {"requests": WARM_UP, "errors": warm["errors"]},
+        "artifacts": str(artifacts), "images": len(uploads),
+        "warm_up": {"requests": WARM_UP, "errors": warm["errors"]},
         **result, "requested": n_requests, "max_seconds": max_seconds,
         "rss_mib_before": round(rss_before, 1), "rss_mib_after": round(rss_after, 1),
         "rss_growth_pct": round((rss_after / rss_before - 1) * 100, 1),

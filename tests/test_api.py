@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
+from conftest import ROOT
 from werkzeug.serving import make_server
 
 from chestxray.serving import create_app
@@ -379,3 +380,14 @@ def test_settings_test_leaves_environment_clean():
     import os
 
     assert os.environ.get("GEMINI_MODEL") != "from-dotenv"
+
+
+def test_every_setting_is_documented():
+    """Each app setting has a row in the README's table and a line in .env.example."""
+    from chestxray.serving.config import SETTINGS
+
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / ".env.example").read_text()
+    for name in SETTINGS:
+        assert f"| `{name}` |" in readme, name
+        assert f"{name}=" in example, name

@@ -1,4 +1,7 @@
-"""Model missing or corrupt at start-up, and POST /admin/reload: atomic swap, one at a time, failures keep the old model."""
+"""Model missing or corrupt at start-up, and POST /admin/reload.
+
+The swap is atomic, one reload runs at a time, and a failed reload keeps the old model serving.
+"""
 from __future__ import annotations
 
 import io

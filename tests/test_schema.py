@@ -24,7 +24,8 @@ def test_schemathesis_finds_no_failures(gunicorn_server, tmp_path):
     st = Path(sys.executable).with_name("st")
     command = [str(st), "--config-file", str(HERE / "schemathesis.toml"), "run",
                f"{gunicorn_server.url}/openapi.json", "--header", f"X-API-Key: {USER_KEY}",
-               "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--max-examples", "30", "--seed", "1", "--workers", "1",
+               "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+               "--max-examples", "30", "--seed", "1", "--workers", "1",
                "--request-timeout", "60", "--no-shrink", "--report-dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path, check=False)
     summary = result.stdout[-6000:]

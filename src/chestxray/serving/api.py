@@ -191,8 +191,8 @@ def _error_response(description: str) -> dict:
 def _upload_body(field: str, many: bool, extra: dict | None = None) -> dict:
     file_schema = {"type": "string", "format": "binary",
                    "description": "JPEG, PNG or DICOM, 128-4096 px a side, at most CHESTXRAY_MAX_UPLOAD_MB"}
-    prop = ({"type": "array", "items": file_schema, "minItems": 1, "maxItems": current_app.config["CHESTXRAY_MAX_BATCH"]}
-            if many else file_schema)
+    max_batch = current_app.config["CHESTXRAY_MAX_BATCH"]
+    prop = {"type": "array", "items": file_schema, "minItems": 1, "maxItems": max_batch} if many else file_schema
     props = {field: prop, **(extra or {})}
     return {"required": True, "content": {"multipart/form-data": {
         "schema": {"type": "object", "required": [field], "properties": props},
