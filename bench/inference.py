@@ -343,6 +343,14 @@ def bars(result: dict) -> list[str]:
     return lines
 
 
+def save(out: Path, result: dict, text: str) -> None:
+    """Write `result` as JSON to `out` and print `text` (the human-readable report)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(text)
+    print(f"\nwrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
@@ -386,10 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": round(time.perf_counter() - started),
     }
     result["bars"] = bars(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(table(result))
-    print(f"\nwrote {args.out}")
+    save(args.out, result, table(result))
 
 
 if __name__ == "__main__":

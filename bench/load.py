@@ -12,14 +12,13 @@ after a warm-up and at the end (growth %), and writes bench/results/load.json (g
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from inference import FULLSIZE, ROOT, Server, load
+from inference import FULLSIZE, ROOT, Server, load, save
 
 KEY_ID, KEY = "load", "load-test-key-0123456789abcdef"
 WARM_UP = 50  # requests before the baseline memory sample: allocator pools and caches settle
@@ -84,10 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     result = run(args.artifacts, args.clients, args.requests, args.max_seconds, args.port, args.backend)
     result["total_seconds"] = round(time.perf_counter() - started)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(report(result))
-    print(f"\nwrote {args.out}")
+    save(args.out, result, report(result))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def _start() -> None:
 
 def _entry(response: Response) -> dict:
     rule = request.url_rule.rule if request.url_rule is not None else None
-    state = g.get("model_state") or current_state()
+    state = current_state()  # the model this request used (or, for a reload, the one it replaced)
     return {
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "key_id": g.get("key_id"),
