@@ -35,6 +35,11 @@ class Case:
     content_type: str | None = None
     bomb: bool = False  # decoding it would take hundreds of MB: the server's memory is watched
 
+    @property
+    def size(self) -> int:
+        """Bytes of payload (files or body)."""
+        return len(self.body or b"") + sum(len(data) for _, _, data in self.files)
+
     def fields(self, file_field: str) -> list[tuple[str, tuple[str, bytes, str]]]:
         """`requests`' files= list with FIELD replaced by `file_field`."""
         return [(file_field if f == FIELD else f, (name, data, "application/octet-stream"))
