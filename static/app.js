@@ -107,7 +107,7 @@ async function predict(file, card) {
     return;
   }
   if (!response.ok) {
-    const hint = response.status === 401 && apiKey ? " Enter your API key above and try again." : "";
+    const hint = response.status === 401 && apiKey ? ". Enter your API key above and try again." : "";
     showError(card, (data.message || data.error || "The server refused this file.") + hint);
     return;
   }
