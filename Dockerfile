@@ -3,7 +3,8 @@
 #   docker run -p 8000:8000 -v "$PWD/artifacts:/app/artifacts:ro" --env-file .env chestxray
 FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 TF_CPP_MIN_LOG_LEVEL=2
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 TF_CPP_MIN_LOG_LEVEL=2 \
+    CHESTXRAY_BIND=0.0.0.0:8000 CHESTXRAY_ENV=production
 WORKDIR /app
 
 COPY requirements.txt pyproject.toml README.md ./
@@ -12,11 +13,11 @@ COPY src/ src/
 COPY templates/ templates/
 COPY static/ static/
 COPY config/ config/
-COPY app.py params.yaml ./
+COPY app.py gunicorn.conf.py params.yaml ./
 RUN pip install --no-deps -e . && useradd --create-home app
 USER app
 
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/health')" || exit 1
-# One worker process holds one copy of the model; threads serve requests concurrently.
-CMD ["gunicorn", "-w", "1", "--threads", "4", "-b", "0.0.0.0:8000", "--timeout", "60", "app:app"]
+# One worker process holds one copy of the model; threads serve requests concurrently (gunicorn.conf.py).
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:app"]

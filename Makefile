@@ -24,8 +24,8 @@ test: setup  ## set up, then run the whole test suite (browser tests need Debian
 test-fast: setup  ## everything but the slow end-to-end tests
 	. $(BIN)/activate && python -m pytest -q -m "not slow"
 
-app: setup  ## serve the trained model at http://127.0.0.1:8000
-	. $(BIN)/activate && gunicorn -w 1 --threads 4 -b 127.0.0.1:8000 app:app
+app: setup  ## serve the trained model at http://127.0.0.1:8000 (settings: gunicorn.conf.py, .env)
+	. $(BIN)/activate && gunicorn -c gunicorn.conf.py app:app
 
 clean:
 	rm -rf $(VENV)

@@ -28,6 +28,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,9 +43,9 @@ BATCH = 32
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
-    """p50 / p95 / mean in milliseconds."""
+    """p50 / p95 / p99 / mean in milliseconds."""
     ms = np.asarray(seconds) * 1000
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
+    return {**{f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)},
             "mean_ms": round(float(ms.mean()), 1), "n": int(len(ms))}
 
 
@@ -166,16 +167,22 @@ def run_child(path: str, args) -> dict:
 # --- over HTTP ----------------------------------------------------------------------------------------
 
 class Server:
-    """The app under gunicorn on 127.0.0.1:port (1 worker, 4 threads, as the README runs it)."""
+    """The app under gunicorn on 127.0.0.1:port with the project's gunicorn.conf.py (as `make app` runs it).
 
-    def __init__(self, artifacts: Path, port: int, backend: str):
+    `env` adds settings (API keys, rate limits, audit log); `log` receives the server's stderr.
+    """
+
+    def __init__(self, artifacts: Path, port: int, backend: str, env: dict[str, str] | None = None,
+                 log: Path | None = None):
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "CHESTXRAY_ARTIFACTS": str(artifacts), "CHESTXRAY_BACKEND": backend,
-               "GEMINI_API_KEY": "", "CHESTXRAY_MODEL_URI": ""}
+               "GEMINI_API_KEY": "", "CHESTXRAY_MODEL_URI": "", "CHESTXRAY_RATE_LIMIT_PER_MIN": "0",
+               "CHESTXRAY_BIND": f"127.0.0.1:{port}", **(env or {})}
         gunicorn = Path(sys.executable).with_name("gunicorn")
+        self._log = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
-            [str(gunicorn), "-w", "1", "--threads", "4", "-b", f"127.0.0.1:{port}", "--timeout", "120", "app:app"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [str(gunicorn), "-c", str(ROOT / "gunicorn.conf.py"), "--timeout", "120", "app:app"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=self._log)
 
     def wait_ready(self, timeout_s: float = 300) -> dict:
         import requests
@@ -208,30 +215,53 @@ class Server:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
 
 
-def load(url: str, uploads: list[bytes], clients: int, n_requests: int) -> dict:
-    """n_requests POST /predict from `clients` concurrent clients; latency percentiles and throughput."""
+def load(url: str, uploads: list[bytes], clients: int, n_requests: int, headers: dict[str, str] | None = None,
+         max_seconds: float | None = None) -> dict:
+    """n_requests POST /predict from `clients` concurrent clients (stopping early after `max_seconds`).
+
+    Latency percentiles, throughput and answers counted by status ("error" for a failed connection).
+    """
     import requests
 
-    def client(k: int) -> list[float]:
-        times = []
+    deadline = time.monotonic() + max_seconds if max_seconds else None
+
+    def client(k: int) -> tuple[list[float], list[str]]:
+        times, statuses = [], []
         with requests.Session() as session:
             for i in range(k, n_requests, clients):
+                if deadline and time.monotonic() > deadline:
+                    break
                 data = uploads[i % len(uploads)]
                 started = time.perf_counter()
-                response = session.post(f"{url}/predict", files={"file": ("xray.jpeg", data, "image/jpeg")},
-                                        timeout=120)
+                try:
+                    response = session.post(f"{url}/predict", files={"file": ("xray.jpeg", data, "image/jpeg")},
+                                            headers=headers, timeout=120)
+                    statuses.append(str(response.status_code))
+                except requests.RequestException as exc:
+                    statuses.append(f"error:{type(exc).__name__}")
                 times.append(time.perf_counter() - started)
-                if response.status_code != 200:
-                    raise RuntimeError(f"/predict answered {response.status_code}: {response.text[:200]}")
-        return times
+        return times, statuses
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        times = [t for part in pool.map(client, range(clients)) for t in part]
+        parts = list(pool.map(client, range(clients)))
     wall = time.perf_counter() - started
-    return {"clients": clients, **percentiles(times), "throughput_rps": round(len(times) / wall, 1)}
+    times = [t for part, _ in parts for t in part]
+    statuses = Counter(s for _, part in parts for s in part)
+    return {"clients": clients, **percentiles(times), "throughput_rps": round(len(times) / wall, 1),
+            "statuses": dict(sorted(statuses.items())), "errors": sum(n for s, n in statuses.items() if s != "200"),
+            "seconds": round(wall, 1)}
+
+
+def check_no_errors(level: dict) -> dict:
+    """`level` (a load() result) if every answer was 200, else RuntimeError listing the statuses."""
+    if level["errors"]:
+        raise RuntimeError(f"/predict answered {level['statuses']}")
+    return level
 
 
 def measure_http(artifacts: Path, backend: str, port: int, requests_per_level: dict[int, int], soak: int) -> dict:
@@ -240,13 +270,13 @@ def measure_http(artifacts: Path, backend: str, port: int, requests_per_level: d
     server = Server(artifacts, port, backend)
     try:
         health = server.wait_ready()
-        levels = [load(server.url, uploads, c, n) for c, n in requests_per_level.items()]
+        levels = [check_no_errors(load(server.url, uploads, c, n)) for c, n in requests_per_level.items()]
         memory = {}
         if soak:
             samples, done = [], 0
             while done < soak:
                 step = min(100, soak - done)
-                load(server.url, uploads, 4, step)
+                check_no_errors(load(server.url, uploads, 4, step))
                 done += step
                 samples.append(round(server.rss_mib(), 1))
             baseline = samples[0]  # after the first 100 requests: allocator pools and caches are warm
@@ -313,6 +343,14 @@ def bars(result: dict) -> list[str]:
     return lines
 
 
+def save(out: Path, result: dict, text: str) -> None:
+    """Write `result` as JSON to `out` and print `text` (the human-readable report)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(text)
+    print(f"\nwrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
@@ -356,10 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": round(time.perf_counter() - started),
     }
     result["bars"] = bars(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(table(result))
-    print(f"\nwrote {args.out}")
+    save(args.out, result, table(result))
 
 
 if __name__ == "__main__":

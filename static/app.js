@@ -5,6 +5,7 @@ const drop = document.getElementById("drop");
 const input = document.getElementById("files");
 const results = document.getElementById("results");
 const template = document.getElementById("result-template");
+const apiKey = document.getElementById("api-key"); // present only when the server requires keys
 const maxUploadMb = parseFloat(drop.dataset.maxUploadMb || "10");
 
 let queue = Promise.resolve();
@@ -92,7 +93,8 @@ async function predict(file, card) {
   form.append("file", file);
   let response;
   try {
-    response = await fetch("predict/explain", { method: "POST", body: form });
+    const headers = apiKey && apiKey.value ? { "X-API-Key": apiKey.value.trim() } : {};
+    response = await fetch("predict/explain", { method: "POST", body: form, headers });
   } catch (err) {
     showError(card, "Could not reach the server (" + err.message + ").");
     return;
@@ -105,7 +107,8 @@ async function predict(file, card) {
     return;
   }
   if (!response.ok) {
-    showError(card, data.message || data.error || "The server refused this file.");
+    const hint = response.status === 401 && apiKey ? ". Enter your API key above and try again." : "";
+    showError(card, (data.message || data.error || "The server refused this file.") + hint);
     return;
   }
   const browserCanShow = /^image\/(jpeg|png)$/.test(file.type);

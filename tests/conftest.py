@@ -70,3 +70,44 @@ def tiny_artifacts(tmp_path_factory, kermany224) -> Path:
     (root / "evaluation" / "thresholds.json").write_text(json.dumps({"decision_threshold": 0.5, "low_confidence": 0.6}))
     (root / "evaluation" / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "roc_auc": 0.5}))
     return root
+
+
+# --- the app under gunicorn (the production server and config) -------------------------------------
+
+USER_KEY = "user-key-0123456789abcdef"
+ADMIN_KEY = "admin-key-0123456789abcdef"
+API_KEYS = f"clinic:{USER_KEY}:user,ops:{ADMIN_KEY}:admin"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gunicorn_server(tiny_artifacts, tmp_path_factory):
+    """The tiny model served by gunicorn with gunicorn.conf.py (bench/inference.py's Server), keys required.
+
+    The rate limit is on but far above what the tests send; the audit log goes to a file and the
+    server's stderr (every other log) to another, so tests can read both.
+    """
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from inference import Server
+
+    logs = tmp_path_factory.mktemp("gunicorn")
+    env = {"CHESTXRAY_API_KEYS": API_KEYS, "CHESTXRAY_RATE_LIMIT_PER_MIN": "1000000",
+           "CHESTXRAY_RATE_LIMIT_BURST": "100000", "CHESTXRAY_AUDIT_LOG": str(logs / "audit.jsonl"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    server = Server(tiny_artifacts, free_port(), "keras", env=env, log=logs / "server.log")
+    server.audit_log, server.server_log = logs / "audit.jsonl", logs / "server.log"
+    try:
+        server.wait_ready(timeout_s=300)
+        yield server
+    finally:
+        server.stop()

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
+from conftest import ROOT
 from werkzeug.serving import make_server
 
 from chestxray.serving import create_app
@@ -63,7 +64,9 @@ def dicom_bytes(gray: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def app(tiny_artifacts):
-    return create_app({"CHESTXRAY_ARTIFACTS": str(tiny_artifacts), "GEMINI_API_KEY": ""})
+    # Open mode, no rate limit: this module sends far more than a burst; test_security.py covers both.
+    return create_app({"CHESTXRAY_ARTIFACTS": str(tiny_artifacts), "GEMINI_API_KEY": "",
+                       "CHESTXRAY_RATE_LIMIT_PER_MIN": 0})
 
 
 @pytest.fixture()
@@ -202,10 +205,15 @@ def test_openapi_describes_every_endpoint(client, app):
     doc = client.get("/openapi.json").get_json()
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {"/health", "/model/info", "/predict", "/predict/batch", "/predict/explain",
-                                 "/openapi.json"}
-    api_rules = {r.rule for r in app.url_map.iter_rules() if r.endpoint.startswith("api.")}
-    assert api_rules == set(doc["paths"])
+                                 "/admin/reload", "/openapi.json"}
+    rules = {r.rule: r for r in app.url_map.iter_rules() if r.endpoint.startswith(("api.", "admin."))}
+    assert set(rules) == set(doc["paths"])
     assert "Error" in doc["components"]["schemas"]
+    # What needs a key in the document is exactly what the code guards.
+    for path, rule in rules.items():
+        guarded = hasattr(app.view_functions[rule.endpoint], "required_role")
+        for operation in doc["paths"][path].values():
+            assert ("security" in operation) == guarded, path
 
 
 def test_page_is_served(client):
@@ -256,10 +264,13 @@ def test_file_too_large(client, endpoint, app):
     assert "MB" in body["message"]
 
 
-def test_request_over_flask_limit_is_json_413(client, app, xray, monkeypatch):
-    """Flask's own RequestEntityTooLarge (whole request over MAX_CONTENT_LENGTH) answers JSON too."""
-    monkeypatch.setitem(app.config, "MAX_CONTENT_LENGTH", 1000)
-    assert_error(client.post("/predict", data=upload(xray)), 413, "file_too_large")
+@pytest.mark.parametrize("endpoint", ["/predict", "/predict/explain"])
+def test_request_over_the_one_file_limit_is_refused_from_its_length(client, app, endpoint):
+    """A body longer than one file may be is refused from Content-Length, before it is read (JSON 413)."""
+    limit = int(app.config["CHESTXRAY_MAX_UPLOAD_MB"] * 1024 * 1024)
+    body = assert_error(client.post(endpoint, data=upload(b"\xff\xd8\xff" + bytes(limit + 200_000))), 413,
+                        "request_too_large")
+    assert "1 file per request" in body["message"]
 
 
 @pytest.mark.parametrize("endpoint", ["/predict", "/predict/explain"])
@@ -369,3 +380,14 @@ def test_settings_test_leaves_environment_clean():
     import os
 
     assert os.environ.get("GEMINI_MODEL") != "from-dotenv"
+
+
+def test_every_setting_is_documented():
+    """Each app setting has a row in the README's table and a line in .env.example."""
+    from chestxray.serving.config import SETTINGS
+
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / ".env.example").read_text()
+    for name in SETTINGS:
+        assert f"| `{name}` |" in readme, name
+        assert f"{name}=" in example, name

@@ -28,6 +28,14 @@ def browser():
         browser.close()
 
 
+def wait_for_cards(page, n: int) -> None:
+    """Until `n` result cards are finished (done or failed). A locator, not wait_for_function: the page's
+    Content-Security-Policy forbids eval, which Playwright's string predicates need."""
+    from playwright.sync_api import expect
+
+    expect(page.locator(".result.done, .result.failed")).to_have_count(n, timeout=60_000)
+
+
 @pytest.fixture(scope="module")
 def app(tiny_artifacts):
     return create_app({"CHESTXRAY_ARTIFACTS": str(tiny_artifacts), "GEMINI_API_KEY": ""})
@@ -50,8 +58,7 @@ def test_upload_two_xrays_and_a_bad_file(browser, app, fullsize_dir, tmp_path):
         assert page.locator("#disclaimer").is_visible()
 
         page.set_input_files("#files", [str(p) for p in xrays] + [str(bad)])
-        page.wait_for_function("document.querySelectorAll('.result.done, .result.failed').length === 3",
-                               timeout=60_000)
+        wait_for_cards(page, 3)
         cards = page.locator(".result")
         assert cards.count() == 3
 
@@ -108,4 +115,37 @@ def test_drag_and_drop_shows_error_next_to_file(browser, app):
         card = page.locator(".result").first
         assert card.locator(".file-name").inner_text() == "empty.png"
         assert "the file is empty" in card.locator(".error").inner_text()
+        page.close()
+
+
+def test_page_with_api_keys_asks_for_the_key_and_shows_refusals_in_words(browser, tiny_artifacts, fullsize_dir,
+                                                                          tmp_path):
+    from conftest import API_KEYS, USER_KEY
+    from fuzz_corpus import png_header_only
+
+    app = create_app({"CHESTXRAY_ARTIFACTS": str(tiny_artifacts), "GEMINI_API_KEY": "", "CHESTXRAY_API_KEYS": API_KEYS})
+    xray = sorted(fullsize_dir.glob("NORMAL/*.jpeg"))[0]
+    bomb = tmp_path / "huge.png"
+    bomb.write_bytes(png_header_only(20000, 20000))
+    with live_server(app) as url:
+        page = browser.new_page()
+        console_errors: list[str] = []
+        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+        page.goto(url + "/")
+        assert page.locator("#api-key").is_visible()
+
+        page.set_input_files("#files", [str(xray)])  # no key typed yet
+        page.wait_for_selector(".result.failed", timeout=60_000)
+        message = page.locator(".result").nth(0).locator(".error").inner_text()
+        assert "send your API key in the X-API-Key header" in message and "Enter your API key" in message
+
+        page.fill("#api-key", USER_KEY)
+        page.set_input_files("#files", [str(xray), str(bomb)])
+        wait_for_cards(page, 3)
+        cards = page.locator(".result")
+        assert "done" in cards.nth(1).get_attribute("class")
+        assert cards.nth(1).locator(".predicted-class").inner_text() in ("NORMAL", "PNEUMONIA")
+        assert "each side must be at most 4096 px" in cards.nth(2).locator(".error").inner_text()
+        # The two refused requests (401, 422), and no Content-Security-Policy violation or script error.
+        assert len(console_errors) == 2 and all("Failed to load resource" in e for e in console_errors), console_errors
         page.close()

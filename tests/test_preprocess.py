@@ -59,3 +59,38 @@ def test_decompression_bomb_is_refused_before_decoding():
     Image.new("L", (12000, 12000)).save(buf, "PNG")  # ~150 KB file, 144 megapixels
     with pytest.raises(ImageError, match="too large"):
         decode_image(buf.getvalue())
+
+
+def test_header_dimensions_without_decoding():
+    from fuzz_corpus import jpeg_declaring, png_header_only
+
+    from chestxray.data.preprocess import ImageTooLarge, image_dimensions
+
+    assert image_dimensions(png_header_only(65535, 65535)) == (65535, 65535)  # 4 gigapixels: measured, not decoded
+    assert image_dimensions(jpeg_declaring(20000, 12000)) == (20000, 12000)
+    with pytest.raises(ImageTooLarge, match="at most 40,000,000 pixels"):
+        decode_image(png_header_only(20000, 20000))
+
+
+def _gray(fullsize_dir) -> np.ndarray:
+    return decode_image(sorted(fullsize_dir.glob("*/*.jpeg"))[0].read_bytes())
+
+
+@pytest.mark.parametrize("scale", [257, 16])  # 16-bit using the full range, and 12-bit data in 16 bits
+def test_16_bit_png_is_stretched_not_clipped(fullsize_dir, scale):
+    import cv2
+
+    gray = _gray(fullsize_dir)  # spans 0..255, as every Kermany original does
+    decoded = decode_image(cv2.imencode(".png", gray.astype(np.uint16) * scale)[1].tobytes())
+    assert decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - gray).max() <= 1
+
+
+@pytest.mark.parametrize("mode, fmt", [("CMYK", "JPEG"), ("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG")])
+def test_cmyk_palette_and_alpha_images_read_as_the_same_gray(fullsize_dir, mode, fmt):
+    gray = _gray(fullsize_dir)
+    buf = io.BytesIO()
+    Image.fromarray(gray).convert(mode).save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    decoded = decode_image(buf.getvalue())
+    assert decoded.shape == gray.shape
+    assert np.abs(decoded.astype(float) - gray).mean() < 2.0  # JPEG re-encoding and palette quantisation only

@@ -38,7 +38,8 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 def _read(path: Path):
     """Decoded grayscale image, or the error in words (the same acceptance rules as the API)."""
-    from chestxray.serving.api import ApiError, check_image
+    from chestxray.serving.errors import ApiError
+    from chestxray.serving.uploads import check_image
 
     try:
         return check_image(path.read_bytes()), None

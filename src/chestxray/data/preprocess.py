@@ -23,33 +23,53 @@ class ImageError(ValueError):
     """The bytes are not an image we can read; the message says why, in words for a user."""
 
 
-def _decode_dicom(data: bytes) -> np.ndarray:
+class ImageTooLarge(ImageError):
+    """The header declares more pixels than we decode (a decompression bomb, or simply too big)."""
+
+
+def _too_many_pixels(width: int, height: int) -> ImageTooLarge:
+    return ImageTooLarge(f"image is too large to process ({width}x{height}; at most {MAX_PIXELS:,} pixels)")
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Stretch the range actually used to 0..255: 12-bit data in a 16-bit container is not left near black."""
+    pixels = pixels.astype(np.float32)
+    lo, hi = float(pixels.min()), float(pixels.max())
+    return ((pixels - lo) / (hi - lo or 1.0) * 255.0).round().astype(np.uint8)
+
+
+def _dicom(data: bytes, pixels: bool):
     import io
 
     import pydicom
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        if int(getattr(ds, "Rows", 0)) * int(getattr(ds, "Columns", 0)) > MAX_PIXELS:
-            raise ImageError(f"image dimensions are too large to process (at most {MAX_PIXELS:,} pixels)")
-        pixels = ds.pixel_array.astype(np.float32)
-    except ImageError:
-        raise
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels)
     except Exception as exc:  # pydicom raises many types for broken files
+        raise ImageError(f"unreadable DICOM file ({exc.__class__.__name__})") from None
+
+
+def _decode_dicom(data: bytes) -> np.ndarray:
+    width, height = image_dimensions(data)
+    if width * height > MAX_PIXELS:
+        raise _too_many_pixels(width, height)
+    ds = _dicom(data, pixels=True)
+    try:
+        pixels = ds.pixel_array.astype(np.float32)
+    except Exception as exc:  # compressed without a decoder, pixel data shorter than declared, ...
         raise ImageError(f"unreadable DICOM file ({exc.__class__.__name__})") from None
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
         pixels = pixels[..., :3].mean(axis=-1)
     elif pixels.ndim != 2:
         raise ImageError("DICOM file holds a volume or series, not a single 2-D image")
-    lo, hi = float(pixels.min()), float(pixels.max())
-    gray = (pixels - lo) / (hi - lo or 1.0) * 255.0
+    gray = _to_uint8(pixels)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":  # white means low signal
-        gray = 255.0 - gray
-    return gray.astype(np.uint8)
+        gray = 255 - gray
+    return gray
 
 
 def image_format(data: bytes) -> str | None:
-    """'jpeg', 'png' or 'dicom' from the file's magic bytes; None for anything else."""
+    """'jpeg', 'png' or 'dicom' from the file's magic bytes; None for anything else (GIF, PDF, text...)."""
     if data[:3] == b"\xff\xd8\xff":
         return "jpeg"
     if data[:8] == b"\x89PNG\r\n\x1a\n":
@@ -59,23 +79,39 @@ def image_format(data: bytes) -> str | None:
     return None
 
 
-def _header_size(data: bytes, kind: str) -> tuple[int, int]:
-    """Width and height from the file header alone (no pixel decoding)."""
+def image_dimensions(data: bytes) -> tuple[int, int]:
+    """(width, height) from the file header alone, without decoding a pixel; ImageError if unreadable.
+
+    PIL's format plugins are used directly (not Image.open) so that a header declaring billions of
+    pixels is simply measured -- the caller refuses it -- instead of raising or warning inside PIL.
+    """
     import io
 
-    from PIL import Image
+    from PIL import JpegImagePlugin, PngImagePlugin
 
+    kind = image_format(data)
+    if kind is None:
+        raise ImageError("not a JPEG, PNG or DICOM image")
+    if kind == "dicom":
+        ds = _dicom(data, pixels=False)
+        width, height = int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0)
+        if not width or not height:
+            raise ImageError("DICOM file holds no image (no Rows/Columns)")
+        return width, height
+    plugin = JpegImagePlugin.JpegImageFile if kind == "jpeg" else PngImagePlugin.PngImageFile
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with plugin(io.BytesIO(data)) as img:
             return img.size
-    except Image.DecompressionBombError:
-        raise ImageError(f"image dimensions are too large to process (at most {MAX_PIXELS:,} pixels)") from None
-    except Exception:
+    except Exception:  # SyntaxError, OSError, struct.error...: the header itself is broken
         raise ImageError(f"corrupt or truncated {kind.upper()} file") from None
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Decode JPEG, PNG or DICOM bytes to a 2-D uint8 grayscale array; raise ImageError if not possible."""
+    """Decode JPEG, PNG or DICOM bytes to a 2-D uint8 grayscale array; raise ImageError if not possible.
+
+    The pixel count is checked from the header before decoding (ImageTooLarge). Colour, palette,
+    CMYK and alpha images become gray; 16-bit images are stretched to 8 bits like DICOM.
+    """
     if not data:
         raise ImageError("the file is empty")
     kind = image_format(data)
@@ -83,16 +119,17 @@ def decode_image(data: bytes) -> np.ndarray:
         raise ImageError("not a JPEG, PNG or DICOM image")
     if kind == "dicom":
         return _decode_dicom(data)
-    width, height = _header_size(data, kind)
+    width, height = image_dimensions(data)
     if width * height > MAX_PIXELS:
-        raise ImageError(f"image is too large to process ({width}x{height}; at most {MAX_PIXELS:,} pixels)")
+        raise _too_many_pixels(width, height)
+    # IMREAD_UNCHANGED keeps 16 bits; OpenCV expands palettes and converts CMYK to BGR itself.
     gray = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if gray is not None and gray.ndim == 3:
-        gray = cv2.cvtColor(gray, cv2.COLOR_BGRA2GRAY if gray.shape[-1] == 4 else cv2.COLOR_BGR2GRAY)
     if gray is None:
         raise ImageError(f"corrupt or truncated {kind.upper()} file")
+    if gray.ndim == 3:
+        gray = cv2.cvtColor(gray, cv2.COLOR_BGRA2GRAY if gray.shape[-1] == 4 else cv2.COLOR_BGR2GRAY)
     if gray.dtype != np.uint8:  # 16-bit PNG
-        gray = (gray / 257).astype(np.uint8)
+        gray = _to_uint8(gray)
     return gray
 
 

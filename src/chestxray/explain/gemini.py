@@ -48,6 +48,12 @@ def build_prompt(prediction: dict[str, Any], explained_class: str | None = None)
     )
 
 
+def load_sdk() -> None:
+    """Import the google-genai SDK now (seconds on a slow machine), outside any call's timeout."""
+    from google import genai  # noqa: F401
+    from google.genai import errors, types  # noqa: F401
+
+
 def _client(api_key: str, base_url: str | None, timeout_s: float):
     from google import genai
     from google.genai import types
@@ -85,6 +91,8 @@ def _reason(exc: BaseException) -> str:
         return f"Gemini API error (HTTP {exc.code})"
     if "timeout" in type(exc).__name__.lower():
         return "Gemini did not answer in time"
+    if isinstance(exc, ValueError):  # JSONDecodeError, pydantic's ValidationError: not the API's JSON
+        return "Gemini returned a malformed answer"
     return f"Gemini call failed ({type(exc).__name__})"
 
 
@@ -102,6 +110,7 @@ def explain_prediction(
     if not api_key:
         return None, "no Gemini API key configured (set GEMINI_API_KEY)"
     prompt = build_prompt(prediction, explained_class)
+    load_sdk()  # a no-op once imported; the deadline below covers the call alone, never the import
     future = _POOL.submit(_generate, api_key, model, base_url, timeout_s, prompt, gradcam_png)
     try:
         text = future.result(timeout=timeout_s + 1.0)

@@ -1,90 +1,77 @@
 """The Flask app: a JSON API over the trained classifier and one page that uses it.
 
-    flask --app app run                                   # development
-    gunicorn -w 1 --threads 4 -b 0.0.0.0:8000 app:app     # production
+    flask --app app run                           # development (CHESTXRAY_ENV=development for --debug)
+    gunicorn -c gunicorn.conf.py app:app          # production
 
 The model is loaded once, here. If that fails the app still starts: /health answers 503 with
-the reason and prediction endpoints answer 503, so a container comes up and says what is wrong.
+the reason and prediction endpoints answer 503, so a container comes up and says what is wrong;
+an admin can then POST /admin/reload once the model is in place.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Any
 
 from flask import Flask
 
-from chestxray.serving.config import load_settings, parse_model_uri
+from chestxray.serving.config import load_settings
+from chestxray.serving.model_state import ModelState, load_classifier  # noqa: F401  (public API)
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[3]  # src/chestxray/serving -> the repository root
 
 
-@dataclass
-class ModelState:
-    """The loaded classifier, or why there is none."""
+def refuse_debug_in_production(app: Flask, settings: dict[str, Any]) -> None:
+    """Raise at start-up if debug mode (FLASK_DEBUG, app.debug) is on outside CHESTXRAY_ENV=development.
 
-    classifier: Any = None
-    error: str | None = None
-
-
-def load_classifier(settings: dict[str, Any]) -> ModelState:
-    """Load the classifier the settings name (registry URI or artifacts dir); never raises."""
-    from chestxray.model.classifier import Classifier, ModelNotFound
-
-    try:
-        if settings["CHESTXRAY_MODEL_URI"]:
-            name, alias = parse_model_uri(settings["CHESTXRAY_MODEL_URI"])
-            classifier = Classifier.from_registry(name, alias, backend=settings["CHESTXRAY_BACKEND"])
-        else:
-            classifier = Classifier.from_artifacts(settings["CHESTXRAY_ARTIFACTS"],
-                                                   backend=settings["CHESTXRAY_BACKEND"])
-    except ModelNotFound as exc:
-        return ModelState(error=str(exc))
-    except Exception as exc:  # a broken file, a registry down: the app must still start and say so
-        return ModelState(error=f"could not load the model ({type(exc).__name__}: {exc})")
-    try:
-        warm_up(classifier)
-    except Exception as exc:
-        return ModelState(error=f"the model failed a test prediction ({type(exc).__name__}: {exc})")
-    return ModelState(classifier=classifier)
+    The debugger runs arbitrary code for whoever can reach the page; it must never face a network.
+    """
+    flag = os.environ.get("FLASK_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    if (flag or app.debug) and settings["CHESTXRAY_ENV"] != "development":
+        raise RuntimeError("refusing to start: Flask debug mode is on (FLASK_DEBUG / --debug) but "
+                           f"CHESTXRAY_ENV={settings['CHESTXRAY_ENV']!r}; debug mode lets anyone run code "
+                           "on this server. Unset FLASK_DEBUG, or set CHESTXRAY_ENV=development on a "
+                           "developer machine.")
 
 
-def warm_up(classifier) -> None:
-    """One prediction and one Grad-CAM on a blank image, so the first request does not pay for tracing."""
-    import numpy as np
-
-    from chestxray.explain import gradcam
-
-    size = classifier.image_size
-    classifier.predict_arrays(np.zeros((1, size, size, 3), np.float32))
-    try:
-        gradcam.explain(classifier, np.zeros((size, size), np.uint8), classifier.classes[0])
-    except Exception as exc:  # predictions still work without heatmaps; /predict/explain will say why
-        log.warning("Grad-CAM warm-up failed: %s", exc)
+def _configure_logging() -> None:
+    """Send INFO logs (start-up, audit) to stderr when nothing else (gunicorn.conf.py, pytest) did."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Application factory: settings from the environment/.env, overridden by `config`."""
+    from chestxray.serving import admin, api, audit, auth, headers, model_state, pages, ratelimit, uploads
+
+    _configure_logging()
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
     settings = load_settings(config)
+    if config and "DEBUG" in config:
+        app.debug = bool(config["DEBUG"])
+    refuse_debug_in_production(app, settings)
     app.config.update(settings)
-    # Room for a full batch in one request; each file is checked against the per-file limit.
-    per_file = int(settings["CHESTXRAY_MAX_UPLOAD_MB"] * 1024 * 1024)
-    app.config["MAX_CONTENT_LENGTH"] = per_file * max(1, settings["CHESTXRAY_MAX_BATCH"]) + 1024 * 1024
+    auth.install(app, settings["CHESTXRAY_API_KEYS"])
+    app.config["CHESTXRAY_API_KEYS"] = "(digests only, see chestxray.serving.auth)"  # the keys leave app.config
+    ratelimit.install(app, settings["CHESTXRAY_RATE_LIMIT_PER_MIN"], settings["CHESTXRAY_RATE_LIMIT_BURST"])
+    audit.install(app, settings["CHESTXRAY_AUDIT_LOG"])
+    headers.install(app)
+    app.request_class = uploads.InMemoryRequest
+    # The widest request (a full batch); each endpoint narrows it before reading the body.
+    app.config["MAX_CONTENT_LENGTH"] = (uploads.FORM_OVERHEAD + int(settings["CHESTXRAY_MAX_UPLOAD_MB"] * 2**20)
+                                        * max(1, settings["CHESTXRAY_MAX_BATCH"]))
     app.json.sort_keys = False  # keep class order as the model has it
 
-    state = load_classifier(settings)
-    if state.error:
-        log.error("model not loaded: %s", state.error)
-    else:
-        log.info("model loaded: version %s, backend %s", state.classifier.version, state.classifier.backend)
-    app.extensions["chestxray"] = state
+    if settings["GEMINI_API_KEY"]:
+        from chestxray.explain import gemini
 
-    from chestxray.serving import api, pages
+        gemini.load_sdk()  # imported now, so no request's Gemini timeout is spent importing it
+    model_state.install(app, load_classifier(settings))
 
     app.register_blueprint(api.bp)
+    app.register_blueprint(admin.bp)
     app.register_blueprint(pages.bp)
     return app

@@ -1,7 +1,8 @@
 """The JSON API: health, model info, single/batch prediction, prediction with explanation, OpenAPI.
 
 Every error is JSON ``{"error": "<code>", "message": "<words>"}`` with a 4xx status (503 while no
-model is loaded). Image bytes and file names are never logged.
+model is loaded). Prediction endpoints need an API key when keys are configured (auth.py).
+Image bytes and file names are never logged.
 """
 from __future__ import annotations
 
@@ -11,75 +12,25 @@ import time
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, current_app, jsonify, request
-from werkzeug.datastructures import FileStorage
-from werkzeug.exceptions import HTTPException
+from flask import Blueprint, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from chestxray.data.preprocess import ImageError, decode_image, image_format, prepare_image
+from chestxray.data.preprocess import prepare_image
+from chestxray.serving.auth import HEADER, requires_role
 from chestxray.serving.config import MAX_SIDE, MIN_SIDE
+from chestxray.serving.errors import HTTP_CODES, ApiError
+from chestxray.serving.model_state import current_state
+from chestxray.serving.uploads import FileTooLarge, many_files, one_file, read_upload, too_large_message
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
 
-HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "file_too_large",
-              415: "unsupported_type", 422: "unreadable_image", 429: "too_many_requests"}
-
-
-class ApiError(Exception):
-    """An error answered as JSON with `status`, a short machine `code` and a `message` in words."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-    def to_dict(self) -> dict[str, str]:
-        return {"error": self.code, "message": self.message}
-
-
-# --- checking uploads -------------------------------------------------------------------------
-
-def check_image(data: bytes) -> np.ndarray:
-    """Decode uploaded bytes to grayscale, or raise ApiError saying in words what is wrong."""
-    if not data:
-        raise ApiError(400, "empty_file", "the file is empty")
-    if image_format(data) is None:
-        raise ApiError(415, "unsupported_type", "not a JPEG, PNG or DICOM image")
-    try:
-        gray = decode_image(data)
-    except ImageError as exc:
-        raise ApiError(422, "unreadable_image", str(exc)) from None
-    height, width = gray.shape[:2]
-    if min(height, width) < MIN_SIDE:
-        raise ApiError(422, "image_too_small",
-                       f"image is {width}x{height} px; each side must be at least {MIN_SIDE} px")
-    if max(height, width) > MAX_SIDE:
-        raise ApiError(422, "image_too_large",
-                       f"image is {width}x{height} px; each side must be at most {MAX_SIDE} px")
-    return gray
-
-
-def _read_upload(upload: FileStorage) -> np.ndarray:
-    """Bytes of one uploaded file, size-checked, decoded to grayscale."""
-    limit_mb = current_app.config["CHESTXRAY_MAX_UPLOAD_MB"]
-    limit = int(limit_mb * 1024 * 1024)
-    data = upload.stream.read(limit + 1)
-    if len(data) > limit:
-        raise ApiError(413, "file_too_large", f"the file is larger than {limit_mb:g} MB")
-    return check_image(data)
-
 
 def _classifier():
-    state = current_app.extensions["chestxray"]
+    state = current_state()
     if state.classifier is None:
         raise ApiError(503, "model_unavailable", state.error or "no model loaded")
     return state.classifier
-
-
-def _one_file(field: str = "file") -> FileStorage:
-    upload = request.files.get(field)
-    if upload is None:
-        raise ApiError(400, "missing_file", f"send the image as multipart/form-data in the field '{field}'")
-    return upload
 
 
 def _result(clf, prediction, started: float) -> dict[str, Any]:
@@ -92,13 +43,14 @@ def _result(clf, prediction, started: float) -> dict[str, Any]:
 @bp.get("/health")
 def health():
     """200 when a model is loaded, else 503 with the reason."""
-    state = current_app.extensions["chestxray"]
+    state = current_state()
     if state.classifier is None:
         return jsonify(status="unavailable", error="model_unavailable", message=state.error), 503
     return jsonify(status="ready", model_version=state.classifier.version, backend=state.classifier.backend)
 
 
 @bp.get("/model/info")
+@requires_role()
 def model_info():
     """What the loaded model is: classes, input size, backbone, training date, test metrics, thresholds."""
     clf = _classifier()
@@ -123,34 +75,31 @@ def _limits() -> dict[str, Any]:
 
 
 @bp.post("/predict")
+@requires_role()
 def predict():
     """Predict one image sent in the multipart field `file`."""
     clf = _classifier()
-    gray = _read_upload(_one_file())
+    gray = read_upload(one_file())
     started = time.perf_counter()
     prediction = clf.predict_arrays(prepare_image(gray, clf.image_size)[None])[0]
     return jsonify(_result(clf, prediction, started))
 
 
 @bp.post("/predict/batch")
+@requires_role()
 def predict_batch():
     """Predict up to CHESTXRAY_MAX_BATCH images sent in the field `files`: one result or error each, in order."""
     clf = _classifier()
-    uploads = request.files.getlist("files")
-    if not uploads:
-        raise ApiError(400, "missing_file", "send the images as multipart/form-data in the field 'files'")
-    max_batch = current_app.config["CHESTXRAY_MAX_BATCH"]
-    if len(uploads) > max_batch:
-        raise ApiError(400, "too_many_files", f"{len(uploads)} files sent; at most {max_batch} per request")
+    uploads = many_files()
     results: list[dict[str, Any]] = []
     inputs, slots = [], []
     for index, upload in enumerate(uploads):
         try:
-            inputs.append(prepare_image(_read_upload(upload), clf.image_size))
+            inputs.append(prepare_image(read_upload(upload), clf.image_size))
             slots.append(index)
             results.append({})
-        except ApiError as exc:
-            results.append({"index": index, **exc.to_dict()})
+        except ApiError as exc:  # this file's status (what /predict would answer) and error, in its slot
+            results.append({"index": index, "status": exc.status, **exc.to_dict()})
     started = time.perf_counter()
     predictions = clf.predict_arrays(np.stack(inputs)) if inputs else []
     for index, prediction in zip(slots, predictions, strict=True):
@@ -159,16 +108,17 @@ def predict_batch():
 
 
 @bp.post("/predict/explain")
+@requires_role()
 def predict_explain():
     """As /predict, plus a Grad-CAM overlay (base64 PNG) and, when Gemini answers, a short explanation."""
     from chestxray.explain import gemini, gradcam
 
     clf = _classifier()
-    upload = _one_file()
+    upload = one_file()
     requested = (request.form.get("class") or "").strip() or None
     if requested is not None and requested not in clf.classes:
         raise ApiError(400, "unknown_class", f"unknown class {requested!r}; choose one of: {', '.join(clf.classes)}")
-    gray = _read_upload(upload)
+    gray = read_upload(upload)
     started = time.perf_counter()
     prediction = clf.predict_arrays(prepare_image(gray, clf.image_size)[None])[0]
     result = _result(clf, prediction, started)
@@ -198,32 +148,33 @@ def openapi():
 
 # --- errors: always JSON, never a stack trace -------------------------------------------------
 
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    g.error_code = code  # for the audit log's outcome
+    return jsonify(error=code, message=message), status, headers or {}
+
+
 @bp.app_errorhandler(ApiError)
 def _api_error(exc: ApiError):
-    return jsonify(exc.to_dict()), exc.status
+    return _error(exc.status, exc.code, exc.message, exc.headers)
 
 
 @bp.app_errorhandler(HTTPException)
 def _http_error(exc: HTTPException):
     status = exc.code or 400
-    message = exc.description or exc.name
-    if status == 413:
-        limit_mb = current_app.config["CHESTXRAY_MAX_UPLOAD_MB"]
-        message = f"the upload is too large (at most {limit_mb:g} MB per file)"
-    return jsonify(error=HTTP_CODES.get(status, exc.name.lower().replace(" ", "_")), message=message), status
+    if isinstance(exc, RequestEntityTooLarge):
+        code = "file_too_large" if isinstance(exc, FileTooLarge) else "request_too_large"
+        return _error(413, code, too_large_message())
+    allowed = getattr(exc, "valid_methods", None)  # a 405 says which methods would do
+    code = HTTP_CODES.get(status, exc.name.lower().replace(" ", "_"))
+    return _error(status, code, exc.description or exc.name, {"Allow": ", ".join(allowed)} if allowed else None)
 
 
 @bp.app_errorhandler(Exception)
 def _unexpected(exc: Exception):
-    log.exception("unexpected error on %s %s", request.method, request.path)
-    return jsonify(error="internal_error", message="the server failed to process the request"), 500
-
-
-@bp.after_app_request
-def _log_request(response):
-    # Method, path, status only: never file names or contents.
-    log.info("%s %s -> %s", request.method, request.path, response.status_code)
-    return response
+    # The route, not the raw path (a path can carry anything); the traceback stays in the server log.
+    log.error("unexpected %s on %s %s", type(exc).__name__, request.method,
+              request.url_rule.rule if request.url_rule else "(no route)", exc_info=exc)
+    return _error(500, "internal_error", "the server failed to process the request")
 
 
 # --- OpenAPI ----------------------------------------------------------------------------------
@@ -238,24 +189,38 @@ def _error_response(description: str) -> dict:
 
 
 def _upload_body(field: str, many: bool, extra: dict | None = None) -> dict:
-    file_schema = {"type": "string", "format": "binary"}
-    prop = {"type": "array", "items": file_schema} if many else file_schema
+    file_schema = {"type": "string", "format": "binary",
+                   "description": "JPEG, PNG or DICOM, 128-4096 px a side, at most CHESTXRAY_MAX_UPLOAD_MB"}
+    max_batch = current_app.config["CHESTXRAY_MAX_BATCH"]
+    prop = {"type": "array", "items": file_schema, "minItems": 1, "maxItems": max_batch} if many else file_schema
     props = {field: prop, **(extra or {})}
-    return {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": [field], "properties": props}}}}
+    return {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": [field], "properties": props},
+        "encoding": {field: {"contentType": "image/jpeg, image/png, application/dicom"}}}}}
 
 
 _UPLOAD_ERRORS = {
     "400": _error_response("missing field, empty file, too many files or unknown class"),
-    "413": _error_response("file larger than the upload limit"),
+    "413": _error_response("a file over the per-file limit, or a request over the per-request limit"),
     "415": _error_response("not a JPEG, PNG or DICOM image"),
-    "422": _error_response("corrupt/truncated image, or a side outside 128-4096 px"),
+    "422": _error_response("corrupt/truncated image, or a side outside 128-4096 px (image_too_small/_too_large)"),
     "503": _error_response("no model loaded"),
 }
 
 
+def _protected(operation: dict, role: str = "user") -> dict:
+    """An operation that needs an API key (when keys are configured): security and 401/403/429 answers."""
+    responses = {**operation["responses"],
+                 "401": _error_response("missing or invalid API key (X-API-Key)"),
+                 "429": {**_error_response("rate limit exceeded"), "headers": {"Retry-After": {
+                     "description": "seconds to wait", "schema": {"type": "integer"}}}}}
+    if role == "admin":
+        responses["403"] = _error_response("the key is not an admin key (or no keys are configured)")
+    return {**operation, "security": [{"ApiKey": []}], "responses": responses}
+
+
 def openapi_document() -> dict:
-    """The hand-written OpenAPI 3 document for every endpoint of this blueprint."""
+    """The hand-written OpenAPI 3 document for every endpoint of the API and admin blueprints."""
     number = {"type": "number"}
     backend = {"type": "string", "enum": ["onnx", "keras"], "description": "what computes the probabilities"}
     prediction = {
@@ -282,8 +247,9 @@ def openapi_document() -> dict:
     batch_item = {"oneOf": [
         {"allOf": [{"$ref": "#/components/schemas/Prediction"},
                    {"type": "object", "properties": {"index": {"type": "integer"}}}]},
-        {"allOf": [{"$ref": "#/components/schemas/Error"},
-                   {"type": "object", "properties": {"index": {"type": "integer"}}}]},
+        {"allOf": [{"$ref": "#/components/schemas/Error"}, {"type": "object", "properties": {
+            "index": {"type": "integer"},
+            "status": {"type": "integer", "description": "the HTTP status /predict would answer for this file"}}}]},
     ]}
     return {
         "openapi": "3.0.3",
@@ -292,24 +258,31 @@ def openapi_document() -> dict:
         "paths": {
             "/health": {"get": {"summary": "Is a model loaded?", "responses": {
                 "200": _json("Health", "ready"), "503": _json("Health", "no model; message says why")}}},
-            "/model/info": {"get": {"summary": "The loaded model", "responses": {
+            "/model/info": {"get": _protected({"summary": "The loaded model", "responses": {
                 "200": _json("ModelInfo", "classes, input size, backbone, training date, metrics, thresholds"),
-                "503": _error_response("no model loaded")}}},
-            "/predict": {"post": {"summary": "Classify one image (JPEG, PNG or DICOM)",
-                                  "requestBody": _upload_body("file", many=False),
-                                  "responses": {"200": _json("Prediction", "the prediction"), **_UPLOAD_ERRORS}}},
-            "/predict/batch": {"post": {"summary": "Classify several images; one result or error per file, in order",
-                                        "requestBody": _upload_body("files", many=True),
-                                        "responses": {"200": _json("BatchResult", "results in upload order"),
-                                                      **_UPLOAD_ERRORS}}},
-            "/predict/explain": {"post": {
+                "503": _error_response("no model loaded")}})},
+            "/predict": {"post": _protected({
+                "summary": "Classify one image (JPEG, PNG or DICOM)", "requestBody": _upload_body("file", many=False),
+                "responses": {"200": _json("Prediction", "the prediction"), **_UPLOAD_ERRORS}})},
+            "/predict/batch": {"post": _protected({
+                "summary": "Classify several images; one result or error per file, in order",
+                "requestBody": _upload_body("files", many=True),
+                "responses": {"200": _json("BatchResult", "results in upload order"), **_UPLOAD_ERRORS}})},
+            "/predict/explain": {"post": _protected({
                 "summary": "Classify one image and explain it (Grad-CAM overlay, optional Gemini text)",
                 "requestBody": _upload_body("file", many=False, extra={
                     "class": {"type": "string", "description": "explain this class instead of the predicted one"}}),
-                "responses": {"200": _json("ExplainedPrediction", "prediction with explanation"), **_UPLOAD_ERRORS}}},
+                "responses": {"200": _json("ExplainedPrediction", "prediction with explanation"), **_UPLOAD_ERRORS}})},
+            "/admin/reload": {"post": _protected({
+                "summary": "Load the configured model afresh and swap it in atomically (admin key)",
+                "responses": {"200": _json("Reloaded", "the new model serves from the next request on"),
+                              "409": _error_response("a reload is already running"),
+                              "503": _error_response("reload_failed: the previous model keeps serving")}},
+                role="admin")},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}},
         },
-        "components": {"schemas": {
+        "components": {"securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": HEADER}},
+                       "schemas": {
             "Error": {"type": "object", "required": ["error", "message"], "properties": {
                 "error": {"type": "string", "description": "machine-readable code"},
                 "message": {"type": "string", "description": "what is wrong, in words"}}},
@@ -327,6 +300,9 @@ def openapi_document() -> dict:
                 "limits": {"type": "object"}}},
             "Prediction": prediction,
             "ExplainedPrediction": explained,
+            "Reloaded": {"type": "object", "properties": {
+                "status": {"type": "string", "enum": ["reloaded"]}, "model_version": {"type": "string"},
+                "previous_model_version": {"type": "string", "nullable": True}, "backend": backend}},
             "BatchResult": {"type": "object", "properties": {
                 "results": {"type": "array", "items": batch_item},
                 "count": {"type": "integer"}, "errors": {"type": "integer"}}},

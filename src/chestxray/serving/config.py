@@ -19,6 +19,17 @@ SETTINGS: dict[str, tuple[type, Any]] = {
     "GEMINI_MODEL": (str, "gemini-2.5-flash"),
     "GEMINI_BASE_URL": (str, ""),
     "GEMINI_TIMEOUT_S": (float, 10.0),
+    # Access control (see serving/auth.py): comma-separated id:key[:role], role user|admin. Empty: open mode.
+    "CHESTXRAY_API_KEYS": (str, ""),
+    # Token bucket per key id (per client address in open mode); 0 requests per minute turns it off.
+    "CHESTXRAY_RATE_LIMIT_PER_MIN": (float, 120.0),
+    "CHESTXRAY_RATE_LIMIT_BURST": (int, 30),
+    # JSON-lines audit log file; empty: the `chestxray.audit` logger (stderr).
+    "CHESTXRAY_AUDIT_LOG": (str, ""),
+    # production | development; Flask debug mode is refused unless development.
+    "CHESTXRAY_ENV": (str, "production"),
+    # Where gunicorn.conf.py binds (host:port).
+    "CHESTXRAY_BIND": (str, "127.0.0.1:8000"),
 }
 
 

@@ -3,19 +3,26 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, render_template
 
+from chestxray.serving.auth import keys_required
 from chestxray.serving.config import MAX_SIDE, MIN_SIDE
+from chestxray.serving.model_state import current_state
 
 bp = Blueprint("pages", __name__)
 
 
 @bp.get("/")
 def index():
-    """The single page; all work happens in static/app.js against /predict/explain."""
-    state = current_app.extensions["chestxray"]
+    """The single page; all work happens in static/app.js against /predict/explain.
+
+    When API keys are configured the page asks for one; the script sends it as X-API-Key with each
+    upload. The key stays in the page (nothing is stored in cookies or browser storage).
+    """
+    state = current_state()
     return render_template(
         "index.html",
         model_error=state.error,
-        model_version=state.classifier.version if state.classifier is not None else None,
+        model_version=state.version,
+        keys_required=keys_required(),
         max_upload_mb=current_app.config["CHESTXRAY_MAX_UPLOAD_MB"],
         min_side=MIN_SIDE,
         max_side=MAX_SIDE,

@@ -1,0 +1,83 @@
+"""The served model as one immutable state object: loaded, read once per request, swapped whole.
+
+A reload builds a complete new `ModelState` (loaded and warmed up) and then replaces the app's
+reference in one assignment, so a request sees either the old model or the new one, never a
+half-loaded one. Each request reads the reference once (`current_state`) and keeps it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, current_app, g
+
+from chestxray.serving.config import parse_model_uri
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "chestxray"  # app.extensions key holding the current ModelState
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """The loaded classifier, or why there is none."""
+
+    classifier: Any = None
+    error: str | None = None
+
+    @property
+    def version(self) -> str | None:
+        return self.classifier.version if self.classifier is not None else None
+
+
+def load_classifier(settings: dict[str, Any]) -> ModelState:
+    """Load the classifier the settings name (registry URI or artifacts dir); never raises."""
+    from chestxray.model.classifier import Classifier, ModelNotFound
+
+    try:
+        if settings["CHESTXRAY_MODEL_URI"]:
+            name, alias = parse_model_uri(settings["CHESTXRAY_MODEL_URI"])
+            classifier = Classifier.from_registry(name, alias, backend=settings["CHESTXRAY_BACKEND"])
+        else:
+            classifier = Classifier.from_artifacts(settings["CHESTXRAY_ARTIFACTS"],
+                                                   backend=settings["CHESTXRAY_BACKEND"])
+    except ModelNotFound as exc:
+        return ModelState(error=str(exc))
+    except Exception as exc:  # a broken file, a registry down: the app must still start and say so
+        return ModelState(error=f"could not load the model ({type(exc).__name__}: {exc})")
+    try:
+        warm_up(classifier)
+    except Exception as exc:
+        return ModelState(error=f"the model failed a test prediction ({type(exc).__name__}: {exc})")
+    return ModelState(classifier=classifier)
+
+
+def warm_up(classifier) -> None:
+    """One prediction and one Grad-CAM on a blank image, so the first request does not pay for tracing."""
+    import numpy as np
+
+    from chestxray.explain import gradcam
+
+    size = classifier.image_size
+    classifier.predict_arrays(np.zeros((1, size, size, 3), np.float32))
+    try:
+        gradcam.explain(classifier, np.zeros((size, size), np.uint8), classifier.classes[0])
+    except Exception as exc:  # predictions still work without heatmaps; /predict/explain will say why
+        log.warning("Grad-CAM warm-up failed: %s", exc)
+
+
+def install(app: Flask, state: ModelState) -> None:
+    """Make `state` the served one (a single reference assignment: atomic for concurrent requests)."""
+    app.extensions[EXTENSION] = state
+    if state.error:
+        log.error("model not loaded: %s", state.error)
+    else:
+        log.info("model loaded: version %s, backend %s", state.version, state.classifier.backend)
+
+
+def current_state() -> ModelState:
+    """The state this request uses: read from the app once, then the same object for the whole request."""
+    if "model_state" not in g:
+        g.model_state = current_app.extensions[EXTENSION]
+    return g.model_state
