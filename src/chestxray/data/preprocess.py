@@ -74,6 +74,24 @@ def _header_size(data: bytes, kind: str) -> tuple[int, int]:
         raise ImageError(f"corrupt or truncated {kind.upper()} file") from None
 
 
+def image_dimensions(data: bytes) -> tuple[int, int]:
+    """Width and height of JPEG, PNG or DICOM bytes from the header alone (raises ImageError)."""
+    kind = image_format(data)
+    if kind is None:
+        raise ImageError("not a JPEG, PNG or DICOM image")
+    if kind != "dicom":
+        return _header_size(data, kind)
+    import io
+
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        return int(ds.Columns), int(ds.Rows)
+    except Exception:
+        raise ImageError("unreadable DICOM file header") from None
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Decode JPEG, PNG or DICOM bytes to a 2-D uint8 grayscale array; raise ImageError if not possible."""
     if not data:

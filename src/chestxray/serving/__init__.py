@@ -83,8 +83,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         log.info("model loaded: version %s, backend %s", state.classifier.version, state.classifier.backend)
     app.extensions["chestxray"] = state
 
-    from chestxray.serving import api, pages
+    from chestxray.serving import api, metrics, monitoring, pages
 
+    app.extensions[metrics.EXTENSION] = app_metrics = metrics.Metrics()  # a registry of its own per app
+    app.extensions[monitoring.EXTENSION] = monitoring.monitor_for(
+        state.classifier, settings["CHESTXRAY_DRIFT_MIN_COUNT"], app_metrics.registry)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(monitoring.bp)
+    app.register_blueprint(metrics.bp)
     return app

@@ -1,7 +1,9 @@
 """The JSON API: health, model info, single/batch prediction, prediction with explanation, OpenAPI.
 
 Every error is JSON ``{"error": "<code>", "message": "<words>"}`` with a 4xx status (503 while no
-model is loaded). Image bytes and file names are never logged.
+model is loaded). Image bytes and file names are never logged. An image too far from the training
+X-rays in the model's feature space is not classified: 422 ``not_a_chest_xray`` (chestxray.model.ood).
+Every scored image is counted by the drift monitor (serving.monitoring).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from chestxray.serving.config import MAX_SIDE, MIN_SIDE
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
 
+NOT_A_CHEST_XRAY = "not_a_chest_xray"
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "file_too_large",
               415: "unsupported_type", 422: "unreadable_image", 429: "too_many_requests"}
 
@@ -82,6 +85,27 @@ def _one_file(field: str = "file") -> FileStorage:
     return upload
 
 
+def _predict(clf, grays: list[np.ndarray]) -> list:
+    """Predict decoded uploads in one batch and record them in the drift monitor."""
+    from chestxray.serving.monitoring import current_monitor
+
+    inputs = np.stack([prepare_image(gray, clf.image_size) for gray in grays])
+    predictions = clf.predict_arrays(inputs)
+    current_monitor().observe(inputs, [max(gray.shape[:2]) for gray in grays], predictions,
+                              [clf.ood_verdict(p) for p in predictions])
+    return predictions
+
+
+def not_a_chest_xray_error(clf, prediction) -> ApiError | None:
+    """The 422 error for an image the "not a chest X-ray" check refuses, else None."""
+    if not clf.refuses(prediction):
+        return None
+    return ApiError(422, NOT_A_CHEST_XRAY,
+                    f"this image does not look like a chest X-ray (distance {prediction.ood_distance:.1f} to the "
+                    f"X-rays the model was trained on; from {clf.ood.refuse:.1f} an image is not classified), so "
+                    "the model gives no answer for it -- upload a frontal chest X-ray")
+
+
 def _result(clf, prediction, started: float) -> dict[str, Any]:
     return {**prediction.to_dict(), "model_version": clf.version,
             "inference_time_ms": round((time.perf_counter() - started) * 1000, 1)}
@@ -112,6 +136,7 @@ def model_info():
         trained_at=clf.info.get("trained_at"),
         test_metrics=clf.metrics,
         thresholds={"decision_threshold": clf.decision_threshold, "low_confidence": clf.low_confidence_threshold},
+        not_a_chest_xray_check=clf.ood_info(),
         limits=_limits(),
     )
 
@@ -128,7 +153,10 @@ def predict():
     clf = _classifier()
     gray = _read_upload(_one_file())
     started = time.perf_counter()
-    prediction = clf.predict_arrays(prepare_image(gray, clf.image_size)[None])[0]
+    prediction = _predict(clf, [gray])[0]
+    refused = not_a_chest_xray_error(clf, prediction)
+    if refused is not None:
+        raise refused
     return jsonify(_result(clf, prediction, started))
 
 
@@ -143,19 +171,21 @@ def predict_batch():
     if len(uploads) > max_batch:
         raise ApiError(400, "too_many_files", f"{len(uploads)} files sent; at most {max_batch} per request")
     results: list[dict[str, Any]] = []
-    inputs, slots = [], []
+    grays, slots = [], []
     for index, upload in enumerate(uploads):
         try:
-            inputs.append(prepare_image(_read_upload(upload), clf.image_size))
+            grays.append(_read_upload(upload))
             slots.append(index)
             results.append({})
         except ApiError as exc:
             results.append({"index": index, **exc.to_dict()})
     started = time.perf_counter()
-    predictions = clf.predict_arrays(np.stack(inputs)) if inputs else []
+    predictions = _predict(clf, grays) if grays else []
     for index, prediction in zip(slots, predictions, strict=True):
-        results[index] = {"index": index, **_result(clf, prediction, started)}
-    return jsonify(results=results, count=len(results), errors=len(results) - len(inputs))
+        refused = not_a_chest_xray_error(clf, prediction)
+        results[index] = {"index": index, **(refused.to_dict() if refused else _result(clf, prediction, started))}
+    errors = sum(1 for r in results if "error" in r)
+    return jsonify(results=results, count=len(results), errors=errors)
 
 
 @bp.post("/predict/explain")
@@ -170,7 +200,10 @@ def predict_explain():
         raise ApiError(400, "unknown_class", f"unknown class {requested!r}; choose one of: {', '.join(clf.classes)}")
     gray = _read_upload(upload)
     started = time.perf_counter()
-    prediction = clf.predict_arrays(prepare_image(gray, clf.image_size)[None])[0]
+    prediction = _predict(clf, [gray])[0]
+    refused = not_a_chest_xray_error(clf, prediction)
+    if refused is not None:  # no heatmap, no explanation for what is not a chest X-ray
+        raise refused
     result = _result(clf, prediction, started)
     started = time.perf_counter()
     try:
@@ -249,7 +282,8 @@ _UPLOAD_ERRORS = {
     "400": _error_response("missing field, empty file, too many files or unknown class"),
     "413": _error_response("file larger than the upload limit"),
     "415": _error_response("not a JPEG, PNG or DICOM image"),
-    "422": _error_response("corrupt/truncated image, or a side outside 128-4096 px"),
+    "422": _error_response("corrupt/truncated image, a side outside 128-4096 px, or not_a_chest_xray: the image "
+                           "is too far from the training X-rays to be classified"),
     "503": _error_response("no model loaded"),
 }
 
@@ -260,13 +294,19 @@ def openapi_document() -> dict:
     backend = {"type": "string", "enum": ["onnx", "keras"], "description": "what computes the probabilities"}
     prediction = {
         "type": "object",
-        "required": ["predicted_class", "confidence", "probabilities", "low_confidence", "warnings", "model_version"],
+        "required": ["predicted_class", "confidence", "probabilities", "low_confidence", "warnings", "ood_distance",
+                     "model_version"],
         "properties": {
             "predicted_class": {"type": "string"},
             "confidence": {**number, "minimum": 0, "maximum": 1},
             "probabilities": {"type": "object", "additionalProperties": number, "description": "per class"},
             "low_confidence": {"type": "boolean", "description": "confidence below the low-confidence threshold"},
-            "warnings": {"type": "array", "items": {"type": "string"}},
+            "warnings": {"type": "array", "items": {"type": "string"},
+                         "description": "low_confidence; not_a_chest_xray (the image looks unlike the training "
+                                        "X-rays: read the answer with extra care)"},
+            "ood_distance": {**number, "nullable": True,
+                             "description": "distance to the training X-rays in the model's feature space; "
+                                            "null when the check is off (see /model/info)"},
             "model_version": {"type": "string"},
             "inference_time_ms": number,
         },
@@ -307,6 +347,11 @@ def openapi_document() -> dict:
                 "requestBody": _upload_body("file", many=False, extra={
                     "class": {"type": "string", "description": "explain this class instead of the predicted one"}}),
                 "responses": {"200": _json("ExplainedPrediction", "prediction with explanation"), **_UPLOAD_ERRORS}}},
+            "/monitoring": {"get": {"summary": "Running statistics of scored images vs the training reference, "
+                                               "with a drift flag and its reasons",
+                                    "responses": {"200": {"description": "counts, signals, class mix, drift"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (text format)",
+                                 "responses": {"200": {"description": "text/plain; version=0.0.4"}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}},
         },
         "components": {"schemas": {
@@ -324,6 +369,9 @@ def openapi_document() -> dict:
                 "backbone": {"type": "string"}, "trained_at": {"type": "string"},
                 "test_metrics": {"type": "object"}, "thresholds": {"type": "object", "properties": {
                     "decision_threshold": number, "low_confidence": number}},
+                "not_a_chest_xray_check": {"type": "object", "properties": {
+                    "enabled": {"type": "boolean"}, "reason": {"type": "string", "description": "why it is off"},
+                    "warn_distance": number, "refuse_distance": number}},
                 "limits": {"type": "object"}}},
             "Prediction": prediction,
             "ExplainedPrediction": explained,
