@@ -19,7 +19,7 @@ from chestxray.serving import create_app
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 PREDICTION_KEYS = {"predicted_class", "confidence", "probabilities", "low_confidence", "warnings",
-                   "model_version", "inference_time_ms"}
+                   "ood_distance", "model_version", "inference_time_ms"}
 
 
 @contextmanager
@@ -202,8 +202,8 @@ def test_openapi_describes_every_endpoint(client, app):
     doc = client.get("/openapi.json").get_json()
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {"/health", "/model/info", "/predict", "/predict/batch", "/predict/explain",
-                                 "/openapi.json"}
-    api_rules = {r.rule for r in app.url_map.iter_rules() if r.endpoint.startswith("api.")}
+                                 "/monitoring", "/metrics", "/openapi.json"}
+    api_rules = {r.rule for r in app.url_map.iter_rules() if r.endpoint.split(".")[0] in ("api", "monitoring", "metrics")}
     assert api_rules == set(doc["paths"])
     assert "Error" in doc["components"]["schemas"]
 

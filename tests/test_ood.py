@@ -146,12 +146,11 @@ def test_photo_refused_over_http(app):
     assert response.json()["error"] == "not_a_chest_xray"
 
 
-def test_between_the_thresholds_the_answer_carries_a_warning(ood_artifacts, xrays, tmp_path):
+def test_between_the_thresholds_the_answer_carries_a_warning(client, ood_artifacts, xrays, tmp_path):
     """Thresholds moved so that one real X-ray falls between warn and refuse: served, with the warning."""
     root = _copy(ood_artifacts, tmp_path)
     data = xrays[0].read_bytes()
-    distance = create_app({"CHESTXRAY_ARTIFACTS": str(root)}).test_client().post(
-        "/predict", data=upload(data)).get_json()["ood_distance"]
+    distance = client.post("/predict", data=upload(data)).get_json()["ood_distance"]
     path = root / "reference" / REFERENCE_FILE
     with np.load(path) as stored:
         arrays = {k: stored[k] for k in stored.files}
