@@ -59,16 +59,21 @@ def tiny_artifacts(tmp_path_factory, kermany224) -> Path:
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
     model.fit(x, y, epochs=2, batch_size=16, verbose=0)
 
-    root = tmp_path_factory.mktemp("artifacts")
+    root = save_artifacts(model, tmp_path_factory.mktemp("artifacts"), classes, size, "mobilenetv2")
+    (root / "evaluation" / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "roc_auc": 0.5}))
+    return root
+
+
+def save_artifacts(model, root: Path, classes: list[str], size: int, backbone: str) -> Path:
+    """training/{model.keras, model_info.json} and evaluation/thresholds.json, laid out as the pipeline does."""
     (root / "training").mkdir()
     (root / "evaluation").mkdir()
     model.save(root / "training" / "model.keras")
     (root / "training" / "model_info.json").write_text(json.dumps({
-        "classes": classes, "normal_class": "NORMAL", "image_size": size, "backbone": "mobilenetv2",
+        "classes": classes, "normal_class": "NORMAL", "image_size": size, "backbone": backbone,
         "trained_at": "2026-01-01T00:00:00+00:00",
     }))
     (root / "evaluation" / "thresholds.json").write_text(json.dumps({"decision_threshold": 0.5, "low_confidence": 0.6}))
-    (root / "evaluation" / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "roc_auc": 0.5}))
     return root
 
 
@@ -104,14 +109,7 @@ def ood_artifacts(tmp_path_factory, kermany224, xception_weights) -> Path:
     truncate_before, _ = resolve("xception", "auto", "auto")
     model = build_model("xception", size, len(classes), weights=str(xception_weights), dropout=0.1,
                         truncate_before=truncate_before)
-    root = tmp_path_factory.mktemp("ood_artifacts")
-    (root / "training").mkdir()
-    (root / "evaluation").mkdir()
-    model.save(root / "training" / "model.keras")
-    (root / "training" / "model_info.json").write_text(json.dumps({
-        "classes": classes, "normal_class": "NORMAL", "image_size": size, "backbone": "xception",
-        "trained_at": "2026-01-01T00:00:00+00:00"}))
-    (root / "evaluation" / "thresholds.json").write_text(json.dumps({"decision_threshold": 0.5, "low_confidence": 0.6}))
+    root = save_artifacts(model, tmp_path_factory.mktemp("ood_artifacts"), classes, size, "xception")
     rows = []
     for label in classes:
         files = sorted((kermany224 / "train" / label).glob("*.jpeg"))

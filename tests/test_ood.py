@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from test_api import assert_error, assert_prediction, live_server, png_bytes, upload
+from test_api import assert_error, assert_prediction, client, live_server, png_bytes, upload, xrays  # noqa: F401
 
 from chestxray.model.ood import OOD_FILE, REFERENCE_FILE, OodDetector, ReferenceError
 from chestxray.serving import create_app
@@ -32,17 +32,8 @@ NON_XRAYS = {
 
 @pytest.fixture(scope="module")
 def app(ood_artifacts):
+    """The app on the model with a reference (test_api's `client` and `xrays` fixtures run against it)."""
     return create_app({"CHESTXRAY_ARTIFACTS": str(ood_artifacts), "GEMINI_API_KEY": ""})
-
-
-@pytest.fixture()
-def client(app):
-    return app.test_client()
-
-
-@pytest.fixture(scope="module")
-def xrays(fullsize_dir) -> list[Path]:
-    return sorted(fullsize_dir.glob("*/*.jpeg"))
 
 
 def _copy(root: Path, dest: Path) -> Path:
