@@ -80,7 +80,8 @@ def table(result: dict) -> str:
     t = ref["thresholds"]
     lines = [f"thresholds (validation, {ref['n_val_images']} X-rays): warn {t['warn_distance']:.1f}, "
              f"refuse {t['refuse_distance']:.1f}; reference fitted on {ref['n_train_images']} train X-rays",
-             "", "| images | n | accepted | warned | refused | caught (warned or refused) |", "|---|---:|---:|---:|---:|---:|"]
+             "", "| images | n | accepted | warned | refused | caught (warned or refused) |",
+             "|---|---:|---:|---:|---:|---:|"]
 
     def row(label: str, s: dict) -> str:
         return (f"| {label} | {s['n']} | {s['accepted']} | {s['warned']} | {s['refused']} | "

@@ -170,7 +170,8 @@ def test_onnx_features_give_the_keras_distances(ood_artifacts, kermany224, origi
     assert onnx.backend == "onnx" and onnx.ood is not None and keras.ood is not None
     photo = load_sample_image("china.jpg")
     x = np.stack([keras.prepare(p.read_bytes()) for p in originals[:6]] + [keras.prepare(_png(photo))])
-    distances = {name: [p.ood_distance for p in clf.predict_arrays(x)] for name, clf in (("onnx", onnx), ("keras", keras))}
+    distances = {name: [p.ood_distance for p in clf.predict_arrays(x)]
+                 for name, clf in (("onnx", onnx), ("keras", keras))}
     assert distances["onnx"] == pytest.approx(distances["keras"], rel=1e-3)
     assert [onnx.refuses(p) for p in onnx.predict_arrays(x)] == [False] * 6 + [True]
 

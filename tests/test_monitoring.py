@@ -75,7 +75,8 @@ def test_darkened_xrays_drift_and_say_why(ood_artifacts, xrays):
     assert body["images"] == MIN_COUNT
     assert body["drift"]["status"] == "drift" and body["drift"]["flag"] is True
     assert any(reason.startswith("intensity_mean") for reason in body["drift"]["reasons"]), body["drift"]
-    assert body["signals"]["intensity_mean"]["live"]["mean"] < 0.5 * body["signals"]["intensity_mean"]["reference"]["mean"]
+    intensity = body["signals"]["intensity_mean"]
+    assert intensity["live"]["mean"] < 0.5 * intensity["reference"]["mean"]
     assert _metrics(client)[("chestxray_drift", ())] == 1.0
 
 

@@ -12,7 +12,7 @@ import pytest
 import requests
 from test_api import assert_error, assert_prediction, client, live_server, png_bytes, upload, xrays  # noqa: F401
 
-from chestxray.model.ood import OOD_FILE, REFERENCE_FILE, OodDetector, ReferenceError
+from chestxray.model.ood import OOD_FILE, REFERENCE_FILE, OodDetector, OodReferenceError
 from chestxray.serving import create_app
 
 
@@ -59,14 +59,14 @@ def test_distance_is_mahalanobis_under_ledoit_wolf_and_thresholds_come_from_vali
     assert detector.refuse == pytest.approx(distances.max() * 1.5)
     assert [detector.verdict(d) for d in (0.0, detector.warn, detector.refuse)] == ["accept", "warn", "refuse"]
     assert detector.verdict(detector.distances(np.full((1, 6), 40.0))[0]) == "refuse"
-    with pytest.raises(ReferenceError, match="re-run the reference stage"):
+    with pytest.raises(OodReferenceError, match="re-run the reference stage"):
         detector.distances(np.zeros((1, 5)))
 
     detector.save(tmp_path)
     (tmp_path / OOD_FILE).write_text(json.dumps({"keras_sha256": "abc"}))
     loaded = OodDetector.load(tmp_path, "abc")
     assert loaded.distances(val) == pytest.approx(distances) and loaded.refuse == detector.refuse
-    with pytest.raises(ReferenceError, match="another model.keras"):
+    with pytest.raises(OodReferenceError, match="another model.keras"):
         OodDetector.load(tmp_path, "def")
     assert OodDetector.load(tmp_path / "missing") is None
 

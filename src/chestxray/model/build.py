@@ -77,7 +77,8 @@ def with_features(model: keras.Model) -> keras.Model:
     try:
         pooled = model.get_layer("pool").output
     except ValueError:
-        raise ValueError(f"model {model.name} has no 'pool' layer: no features for the 'not a chest X-ray' check") from None
+        raise ValueError(f"model {model.name} has no 'pool' layer: no features for the "
+                         "'not a chest X-ray' check") from None
     return keras.Model(model.input, {"probabilities": model.output, "features": pooled}, name=f"{model.name}_features")
 
 

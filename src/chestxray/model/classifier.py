@@ -21,7 +21,7 @@ import numpy as np
 
 from chestxray.data.preprocess import decode_image, prepare_image
 from chestxray.model.decision import decide
-from chestxray.model.ood import ACCEPT, REFUSE, OodDetector, ReferenceError
+from chestxray.model.ood import ACCEPT, REFUSE, OodDetector, OodReferenceError
 from chestxray.model.ood import WARNING as OOD_WARNING
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def _load_reference(folder: str | Path | None, keras_sha256: str) -> tuple[OodDe
         return None, None
     try:
         return OodDetector.load(folder, keras_sha256), None
-    except ReferenceError as exc:
+    except OodReferenceError as exc:
         log.warning("'not a chest X-ray' check off: %s", exc)
         return None, str(exc)
 
@@ -286,6 +286,7 @@ class Classifier:
             confidence = float(row[k])
             low = confidence < self.low_confidence_threshold
             warnings = ["low_confidence"] if low else []
+            distance = None if distance is None else round(float(distance), 4)  # as answered, and judged
             if distance is not None and self.ood is not None and self.ood.verdict(distance) != ACCEPT:
                 warnings.append(OOD_WARNING)
             results.append(Prediction(
@@ -294,7 +295,7 @@ class Classifier:
                 probabilities={c: float(p) for c, p in zip(self.classes, row)},
                 low_confidence=low,
                 warnings=warnings,
-                ood_distance=None if distance is None else round(float(distance), 4),
+                ood_distance=distance,
             ))
         return results
 

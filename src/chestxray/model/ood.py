@@ -26,7 +26,7 @@ WARNING = "not_a_chest_xray"
 ACCEPT, WARN, REFUSE = "accept", "warn", "refuse"
 
 
-class ReferenceError(ValueError):
+class OodReferenceError(ValueError):
     """A reference folder that cannot be used with this model; the message says what to do."""
 
 
@@ -56,7 +56,7 @@ class OodDetector:
         """Mahalanobis distance (N,) of each row of `features` (N, D) to the training features."""
         features = np.asarray(features, np.float64)
         if features.shape[-1] != len(self.mean):
-            raise ReferenceError(f"features have {features.shape[-1]} dimensions, the reference "
+            raise OodReferenceError(f"features have {features.shape[-1]} dimensions, the reference "
                                  f"{len(self.mean)}: re-run the reference stage (`dvc repro reference`)")
         return np.linalg.norm((features - self.mean) @ self.whitening.T, axis=1)
 
@@ -87,13 +87,13 @@ class OodDetector:
 
     @classmethod
     def load(cls, folder: str | Path, keras_sha256: str | None = None) -> "OodDetector | None":
-        """The detector saved in `folder`; None if there is none. ReferenceError if it belongs to another model."""
+        """The detector saved in `folder`; None if there is none. OodReferenceError if it belongs to another model."""
         folder = Path(folder)
         if not (folder / REFERENCE_FILE).is_file() or not (folder / OOD_FILE).is_file():
             return None
         summary = json.loads((folder / OOD_FILE).read_text())
         if keras_sha256 is not None and summary.get("keras_sha256") != keras_sha256:
-            raise ReferenceError(f"{folder} was fitted on another model.keras (retrained since?) -- re-run the "
+            raise OodReferenceError(f"{folder} was fitted on another model.keras (retrained since?) -- re-run the "
                                  "reference stage (`dvc repro reference`)")
         with np.load(folder / REFERENCE_FILE) as data:
             warn, refuse = (float(t) for t in data["thresholds"])

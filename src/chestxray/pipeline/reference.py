@@ -102,7 +102,7 @@ def measure_non_xrays(clf, detector) -> dict:
 
 def reference(params: dict, config: dict | None, data_dir: Path, model_dir: Path, evaluation_dir: Path,
               out: Path) -> dict:
-    """Fit the reference, set the thresholds on validation, measure, write reference.npz + ood.json; returns ood.json."""
+    """Fit the reference, set thresholds on validation, measure; write reference.npz + ood.json (returned)."""
     import pandas as pd
 
     from chestxray.evaluation import drift

@@ -43,7 +43,8 @@ class _Running:
         if not self.n:
             return {"n": 0}
         mean = self.total / self.n
-        return {"n": self.n, "mean": round(mean, 4), "std": round(max(self.squares / self.n - mean * mean, 0.0) ** 0.5, 4)}
+        std = max(self.squares / self.n - mean * mean, 0.0) ** 0.5
+        return {"n": self.n, "mean": round(mean, 4), "std": round(std, 4)}
 
 
 class Monitor:
@@ -112,8 +113,9 @@ class Monitor:
             if enough and sum(classes.values()):
                 mix.update(drift.compare_categorical(classes, self.reference.class_mix))
                 if mix["drift"]:
-                    reasons.append(f"class mix: live {_shares(classes)} vs reference {_shares(self.reference.class_mix)} "
-                                   f"(total variation {mix['tv_distance']:.2f} > {mix['limit']:.2f})")
+                    reasons.append(f"class mix: live {_shares(classes)} vs reference "
+                                   f"{_shares(self.reference.class_mix)} (total variation {mix['tv_distance']:.2f} "
+                                   f"> {mix['limit']:.2f})")
         return {"started_at": self.started_at, "images": images,
                 "outcomes": {"accepted": outcomes[ACCEPT], "warned": outcomes[WARN], "refused": outcomes[REFUSE]},
                 "signals": signals, "class_mix": mix, "drift": self._drift(images, reasons)}
