@@ -48,17 +48,18 @@ class OodDetector:
         if len(features) < 2:
             raise ValueError(f"need at least 2 training images to fit the reference, got {len(features)}")
         covariance = LedoitWolf().fit(features).covariance_
-        # Cholesky of the precision, once: each distance is then one matrix-vector product.
+        # Cholesky of the precision, once: each distance is then one matrix-vector product. Fitted in
+        # float64, kept in float32: half the memory traffic per request, distances within ~1e-6.
         whitening = np.linalg.cholesky(np.linalg.inv(covariance)).T
-        return cls(features.mean(axis=0), whitening, np.inf, np.inf)
+        return cls(features.mean(axis=0).astype(np.float32), whitening.astype(np.float32), np.inf, np.inf)
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance (N,) of each row of `features` (N, D) to the training features."""
-        features = np.asarray(features, np.float64)
+        features = np.asarray(features, np.float32)
         if features.shape[-1] != len(self.mean):
             raise OodReferenceError(f"features have {features.shape[-1]} dimensions, the reference "
                                  f"{len(self.mean)}: re-run the reference stage (`dvc repro reference`)")
-        return np.linalg.norm((features - self.mean) @ self.whitening.T, axis=1)
+        return np.linalg.norm((features - self.mean) @ self.whitening.T, axis=1).astype(np.float64)
 
     def set_thresholds(self, val_distances: np.ndarray, warn_quantile: float, refuse_quantile: float,
                        refuse_margin: float) -> None:
