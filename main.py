@@ -7,13 +7,14 @@ Prefer `dvc repro`: it skips stages whose inputs did not change.
 """
 import sys
 
-from chestxray.pipeline import evaluate, export, ingest, prepare_base_model, train
+from chestxray.pipeline import evaluate, export, ingest, prepare_base_model, reference, train
 
 STAGES = {
     "ingest": ingest.main,
     "prepare_base_model": prepare_base_model.main,
     "train": train.main,
     "evaluate": evaluate.main,
+    "reference": reference.main,
     "export": export.main,
 }
 

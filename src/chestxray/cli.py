@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PIPELINE_STAGES = ("ingest", "prepare_base_model", "train", "evaluate", "export")
+PIPELINE_STAGES = ("ingest", "prepare_base_model", "train", "evaluate", "reference", "export")
 
 
 def _add_stages(sub) -> None:
