@@ -8,7 +8,7 @@ another `python main.py` or a `dvc repro` in the same folder is refused (see che
 """
 import sys
 
-from chestxray.pipeline import evaluate, export, ingest, prepare_base_model, train
+from chestxray.pipeline import evaluate, export, ingest, prepare_base_model, reference, train
 from chestxray.pipeline.lock import PipelineBusy, whole_run_lock
 
 STAGES = {
@@ -16,6 +16,7 @@ STAGES = {
     "prepare_base_model": prepare_base_model.main,
     "train": train.main,
     "evaluate": evaluate.main,
+    "reference": reference.main,
     "export": export.main,
 }
 

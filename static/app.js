@@ -52,6 +52,8 @@ function renderResult(card, data, originalUrl) {
   card.querySelector(".confidence").textContent = "(" + percent(data.confidence) + " confidence)";
   card.querySelector(".low-confidence").hidden = !data.low_confidence;
   if (data.low_confidence) card.classList.add("is-low-confidence");
+  // Between the "not a chest X-ray" thresholds the answer is served with a warning (above them: a 422 error).
+  card.querySelector(".not-xray-warning").hidden = !(data.warnings || []).includes("not_a_chest_xray");
   renderBars(card.querySelector(".bars"), data.probabilities, data.predicted_class);
 
   const picture = card.querySelector(".picture");

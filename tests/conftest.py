@@ -59,16 +59,66 @@ def tiny_artifacts(tmp_path_factory, kermany224) -> Path:
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
     model.fit(x, y, epochs=2, batch_size=16, verbose=0)
 
-    root = tmp_path_factory.mktemp("artifacts")
+    root = save_artifacts(model, tmp_path_factory.mktemp("artifacts"), classes, size, "mobilenetv2")
+    (root / "evaluation" / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "roc_auc": 0.5}))
+    return root
+
+
+def save_artifacts(model, root: Path, classes: list[str], size: int, backbone: str) -> Path:
+    """training/{model.keras, model_info.json} and evaluation/thresholds.json, laid out as the pipeline does."""
     (root / "training").mkdir()
     (root / "evaluation").mkdir()
     model.save(root / "training" / "model.keras")
     (root / "training" / "model_info.json").write_text(json.dumps({
-        "classes": classes, "normal_class": "NORMAL", "image_size": size, "backbone": "mobilenetv2",
+        "classes": classes, "normal_class": "NORMAL", "image_size": size, "backbone": backbone,
         "trained_at": "2026-01-01T00:00:00+00:00",
     }))
     (root / "evaluation" / "thresholds.json").write_text(json.dumps({"decision_threshold": 0.5, "low_confidence": 0.6}))
-    (root / "evaluation" / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "roc_auc": 0.5}))
+    return root
+
+
+def write_manifest(data_dir: Path, rows: list[dict]) -> Path:
+    """A data folder's manifest.csv (path, label, split) listing real images by absolute path."""
+    import csv
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def ood_artifacts(tmp_path_factory, kermany224, xception_weights) -> Path:
+    """A small model whose features can tell X-rays from photos, with the reference stage's output.
+
+    ImageNet Xception cut where the pipeline cuts it (after block 10), at 96 px, its head left untrained
+    (the "not a chest X-ray" check reads the features only), and artifacts/reference/ fitted by the
+    reference stage's own function on 16 train and 8 validation X-rays per class. The tiny_artifacts
+    MobileNetV2 trained from scratch is no use here: its pooled features hardly vary between images.
+    """
+    import keras
+
+    from chestxray.model.backbones import resolve
+    from chestxray.model.build import build_model
+    from chestxray.pipeline import reference
+
+    keras.utils.set_random_seed(0)
+    classes, size = ["NORMAL", "PNEUMONIA"], 96
+    truncate_before, _ = resolve("xception", "auto", "auto")
+    model = build_model("xception", size, len(classes), weights=str(xception_weights), dropout=0.1,
+                        truncate_before=truncate_before)
+    root = save_artifacts(model, tmp_path_factory.mktemp("ood_artifacts"), classes, size, "xception")
+    rows = []
+    for label in classes:
+        files = sorted((kermany224 / "train" / label).glob("*.jpeg"))
+        rows += [{"path": str(p), "label": label, "split": "train"} for p in files[:16]]
+        rows += [{"path": str(p), "label": label, "split": "val"} for p in files[16:24]]
+    data = write_manifest(root / "data", rows)
+    params = {"max_train_images": 1000, "warn_quantile": 0.99, "refuse_quantile": 1.0, "refuse_margin": 1.2,
+              "max_test_images": 0, "measure_non_xrays": False, "seed": 0}
+    reference.reference(params, None, data, root / "training", root / "evaluation", root / "reference")
     return root
 
 

@@ -20,7 +20,7 @@ from chestxray.serving import create_app
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 PREDICTION_KEYS = {"predicted_class", "confidence", "probabilities", "low_confidence", "warnings",
-                   "model_version", "inference_time_ms"}
+                   "ood_distance", "model_version", "inference_time_ms"}
 
 
 @contextmanager
@@ -205,8 +205,9 @@ def test_openapi_describes_every_endpoint(client, app):
     doc = client.get("/openapi.json").get_json()
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {"/health", "/model/info", "/predict", "/predict/batch", "/predict/explain",
-                                 "/admin/reload", "/openapi.json"}
-    rules = {r.rule: r for r in app.url_map.iter_rules() if r.endpoint.startswith(("api.", "admin."))}
+                                 "/admin/reload", "/monitoring", "/metrics", "/openapi.json"}
+    blueprints = ("api", "admin", "monitoring", "metrics")
+    rules = {r.rule: r for r in app.url_map.iter_rules() if r.endpoint.split(".")[0] in blueprints}
     assert set(rules) == set(doc["paths"])
     assert "Error" in doc["components"]["schemas"]
     # What needs a key in the document is exactly what the code guards.

@@ -13,7 +13,8 @@ import pytest
 from chestxray.cli import main
 from chestxray.model.classifier import Classifier
 
-COLUMNS = ["file", "predicted_class", "confidence", "p_NORMAL", "p_PNEUMONIA", "low_confidence", "error"]
+COLUMNS = ["file", "predicted_class", "confidence", "p_NORMAL", "p_PNEUMONIA", "low_confidence", "warnings",
+           "ood_distance", "error"]
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import write_manifest
+
 from chestxray.model.classifier import ONNX_FILE, Classifier, ModelNotFound, choose_backend
-from chestxray.model.onnx_export import META_KERAS_SHA256, TOLERANCE, OnnxModelError
+from chestxray.model.onnx_export import FEATURE_TOLERANCE, META_KERAS_SHA256, TOLERANCE, OnnxModelError, OnnxRunner
 from chestxray.pipeline import export as export_stage
 from chestxray.serving import create_app
 
@@ -27,15 +29,8 @@ def _copy_model(src: Path, dest: Path) -> Path:
 
 def _data_dir(root: Path, kermany224: Path, per_class: int = 6) -> Path:
     """A data folder whose manifest lists real test images (absolute paths) as the test split."""
-    data = root / "data"
-    data.mkdir()
-    rows = [{"path": str(p), "label": c, "split": "test"}
-            for c in CLASSES for p in sorted((kermany224 / "test" / c).glob("*.jpeg"))[:per_class]]
-    with open(data / "manifest.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return data
+    return write_manifest(root / "data", [{"path": str(p), "label": c, "split": "test"} for c in CLASSES
+                                          for p in sorted((kermany224 / "test" / c).glob("*.jpeg"))[:per_class]])
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +58,11 @@ def test_export_writes_onnx_and_a_passing_check(exported):
     assert check["passed"] is True
     assert check["n_images"] == 12 and check["mismatched"] == []
     assert 0.0 <= check["max_abs_diff"] <= TOLERANCE
+    assert 0.0 <= check["features_max_rel_diff"] <= FEATURE_TOLERANCE  # the second output is checked too
     assert (exported / "export" / ONNX_FILE).stat().st_size > 100_000
     assert not list((exported / "export").glob("*partial*"))  # no temporary file left
+    runner = OnnxRunner.load(exported / "export" / ONNX_FILE)
+    assert (runner.output_name, runner.features_name) == ("probabilities", "features")
 
 
 def test_failed_check_fails_the_stage_in_one_line(tiny_artifacts, kermany224, tmp_path, capsys):
@@ -143,6 +141,63 @@ def test_stale_onnx_is_not_served(exported, tmp_path):
     assert Classifier.from_artifacts(root, backend="auto").backend == "keras"
     with pytest.raises(OnnxModelError, match="not exported from this model.keras"):
         Classifier.from_artifacts(root, backend="onnx")
+
+
+def _fit_reference(root: Path, kermany224: Path) -> None:
+    """artifacts/reference/ for the model under `root`, by the reference stage's own function."""
+    from chestxray.pipeline import reference
+
+    files = {c: sorted((kermany224 / "train" / c).glob("*.jpeg")) for c in CLASSES}
+    data = write_manifest(root / "data", [{"path": str(p), "label": c, "split": split} for c in CLASSES
+                                          for split, chosen in (("train", files[c][:8]), ("val", files[c][8:12]))
+                                          for p in chosen])
+    params = {"max_train_images": 100, "warn_quantile": 0.99, "refuse_quantile": 1.0, "refuse_margin": 1.2,
+              "max_test_images": 0, "measure_non_xrays": False, "seed": 0}
+    reference.reference(params, None, data, root / "training", root / "evaluation", root / "reference")
+
+
+@pytest.mark.slow
+def test_onnx_features_give_the_keras_distances(ood_artifacts, kermany224, originals, tmp_path):
+    """ImageNet Xception exported by the stage: the ONNX backend reads the features from its own run and
+    gives the Keras "not a chest X-ray" distances (on real X-rays and on a photo)."""
+    from sklearn.datasets import load_sample_image
+
+    root = tmp_path / "artifacts"
+    for part in ("training", "evaluation", "reference"):
+        shutil.copytree(ood_artifacts / part, root / part)
+    export_stage.convert_and_check(root / "training", export_stage.split_paths(_data_dir(tmp_path, kermany224, 2)),
+                                   root / "export", TOLERANCE)
+    onnx, keras = (Classifier.from_artifacts(root, backend=b) for b in ("onnx", "keras"))
+    assert onnx.backend == "onnx" and onnx.ood is not None and keras.ood is not None
+    photo = load_sample_image("china.jpg")
+    x = np.stack([keras.prepare(p.read_bytes()) for p in originals[:6]] + [keras.prepare(_png(photo))])
+    distances = {name: [p.ood_distance for p in clf.predict_arrays(x)]
+                 for name, clf in (("onnx", onnx), ("keras", keras))}
+    assert distances["onnx"] == pytest.approx(distances["keras"], rel=1e-3)
+    assert [onnx.refuses(p) for p in onnx.predict_arrays(x)] == [False] * 6 + [True]
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    import cv2
+
+    return cv2.imencode(".png", rgb[..., ::-1])[1].tobytes()
+
+
+@pytest.mark.slow
+def test_an_export_without_features_turns_the_check_off(exported, kermany224, tmp_path):
+    """An export made before the features output: still served, the check off with what to do."""
+    from chestxray.model.classifier import MODEL_FILE, file_sha256
+    from chestxray.model.onnx_export import export_onnx
+
+    root = _copy_model(exported, tmp_path)
+    _fit_reference(root, kermany224)
+    clf = Classifier.from_dirs(root / "training", backend="keras")
+    export_onnx(clf.model, root / "export" / ONNX_FILE, clf.image_size,  # probabilities only, as before
+                {META_KERAS_SHA256: file_sha256(root / "training" / MODEL_FILE)})
+    old = Classifier.from_artifacts(root, backend="onnx")
+    assert old.backend == "onnx" and old.ood is None
+    assert "no features output" in old.ood_info()["reason"] and "dvc repro export" in old.ood_info()["reason"]
+    assert old.predict_arrays(np.full((1, 96, 96, 3), 128, np.float32))[0].ood_distance is None
 
 
 # --- the app and the CLI on each backend ----------------------------------------------------------

@@ -74,6 +74,7 @@ def test_upload_two_xrays_and_a_bad_file(browser, app, fullsize_dir, tmp_path):
                 width = bars.nth(j).locator(".bar").evaluate("e => e.style.width")
                 assert width == f"{100 * want['probabilities'][cls]:.1f}%"
             assert card.locator(".low-confidence").is_visible() == want["low_confidence"]
+            assert card.locator(".not-xray-warning").is_hidden()
             assert "No explanation" in card.locator(".explanation-missing").inner_text()
             assert "GEMINI_API_KEY" in card.locator(".explanation-missing").inner_text()
 
@@ -149,3 +150,42 @@ def test_page_with_api_keys_asks_for_the_key_and_shows_refusals_in_words(browser
         # The two refused requests (401, 422), and no Content-Security-Policy violation or script error.
         assert len(console_errors) == 2 and all("Failed to load resource" in e for e in console_errors), console_errors
         page.close()
+
+
+def test_not_a_chest_xray_in_words(browser, ood_artifacts, fullsize_dir, tmp_path):
+    """A photo is refused with the reason shown; an X-ray between the thresholds is shown with the warning."""
+    import shutil
+
+    import numpy as np
+    from sklearn.datasets import load_sample_image
+    from test_api import png_bytes
+
+    from chestxray.model.ood import REFERENCE_FILE
+
+    xray = sorted(fullsize_dir.glob("NORMAL/*.jpeg"))[0]
+    photo = tmp_path / "holiday.png"
+    photo.write_bytes(png_bytes(load_sample_image("china.jpg")[..., ::-1]))
+    root = tmp_path / "artifacts"
+    for part in ("training", "evaluation", "reference"):
+        shutil.copytree(ood_artifacts / part, root / part)
+    app = create_app({"CHESTXRAY_ARTIFACTS": str(root), "GEMINI_API_KEY": ""})
+    distance = app.test_client().post("/predict", data={"file": (io.BytesIO(xray.read_bytes()), "x.jpeg")}
+                                      ).get_json()["ood_distance"]
+    with np.load(root / "reference" / REFERENCE_FILE) as stored:  # move the thresholds around this X-ray
+        arrays = {k: stored[k] for k in stored.files}
+    arrays["thresholds"] = np.array([distance * 0.9, distance * 1.1])
+    np.savez(root / "reference" / REFERENCE_FILE, **arrays)
+    app = create_app({"CHESTXRAY_ARTIFACTS": str(root), "GEMINI_API_KEY": ""})
+
+    with live_server(app) as url:
+        page = browser.new_page(viewport={"width": 1200, "height": 1600})
+        page.goto(url + "/")
+        page.set_input_files("#files", [str(xray), str(photo)])
+        wait_for_cards(page, 2)
+        cards = page.locator(".result")
+        assert cards.nth(0).locator(".not-xray-warning").is_visible()
+        assert "unlike the chest X-rays" in cards.nth(0).locator(".not-xray-warning").inner_text()
+        assert cards.nth(0).locator(".predicted-class").inner_text() in ("NORMAL", "PNEUMONIA")
+        error = cards.nth(1).locator(".error")
+        assert error.is_visible() and "does not look like a chest X-ray" in error.inner_text()
+        assert cards.nth(1).locator(".body").is_hidden()

@@ -35,6 +35,22 @@ def test_repro_writes_metrics_and_plots(project):
     assert check["passed"] and check["n_images"] == 2 * TEST_PER_CLASS and check["mismatched"] == []
     assert check["max_abs_diff"] <= 1e-4
     assert (repo / "artifacts/export/model.onnx").stat().st_size > 100_000
+    assert check["features_max_rel_diff"] <= 1e-3
+
+
+def test_repro_writes_the_not_a_chest_xray_reference(project):
+    repo, _, _, _ = project
+    summary = json.loads((repo / "artifacts/reference/ood.json").read_text())
+    assert summary["thresholds"]["chosen_on"] == "validation"
+    assert 0 < summary["thresholds"]["warn_distance"] < summary["thresholds"]["refuse_distance"]
+    assert summary["n_val_images"] == summary["validation"]["n"] > 0 and summary["validation"]["refused"] == 0
+    assert summary["test_xrays"]["n"] == 24
+    assert summary["non_xrays"]["n"] >= 50 and set(summary["non_xrays"]["by_source"]) == {
+        "sklearn", "skimage", "pydicom", "generated"}
+    signals = {"intensity_mean", "image_side", "confidence", "ood_distance", "class_mix"}
+    assert signals <= set(summary["drift_reference"])
+    assert (repo / "artifacts/reference/reference.npz").stat().st_size > 10_000
+    assert len((repo / "artifacts/reference/non_xrays.csv").read_text().splitlines()) == summary["non_xrays"]["n"] + 1
 
 
 def test_mlflow_run_and_registered_champion(project):
@@ -55,17 +71,20 @@ def test_mlflow_run_and_registered_champion(project):
     exported = {a.path for a in client.list_artifacts(run_id, "export")}
     assert {"export/model.onnx", "export/check.json"} <= exported
     assert run.data.metrics["export.max_abs_diff"] <= 1e-4
+    assert {"reference/ood.json", "reference/reference.npz"} <= {
+        a.path for a in client.list_artifacts(run_id, "reference")}
+    assert "ood.refuse_distance" in run.data.metrics
     champion = client.get_model_version_by_alias("chestxray", "champion")
     assert champion.run_id == run_id
 
 
-def test_second_repro_does_nothing_and_train_param_reruns_only_train_evaluate_export(project):
+def test_second_repro_does_nothing_and_train_param_reruns_only_what_depends_on_the_model(project):
     repo, env, params, _ = project
     again = run_ok(["dvc", "repro"], repo, env)
     assert "Running stage" not in again.stdout, again.stdout
     changed = run_ok(["dvc", "exp", "run", "-S", "train.head_lr=0.002"], repo, env)
     ran = {line.split("'")[1] for line in changed.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate", "export"}, changed.stdout
+    assert ran == {"train", "evaluate", "reference", "export"}, changed.stdout
 
 
 def test_registered_model_loads_from_registry(project):

@@ -56,6 +56,7 @@ def predict_command(args: argparse.Namespace) -> int:
 
     from chestxray.data.preprocess import prepare_image
     from chestxray.model.classifier import Classifier, ModelNotFound
+    from chestxray.serving.api import not_a_chest_xray_error
 
     files = list(iter_images(args.paths))  # paths only; images are read one batch at a time
     missing = [str(p) for p, _ in files if not p.exists()]
@@ -70,7 +71,8 @@ def predict_command(args: argparse.Namespace) -> int:
     heatmaps = Path(args.heatmaps) if args.heatmaps else None
     if heatmaps:
         heatmaps.mkdir(parents=True, exist_ok=True)
-    columns = ["file", "predicted_class", "confidence", *[f"p_{c}" for c in clf.classes], "low_confidence", "error"]
+    columns = ["file", "predicted_class", "confidence", *[f"p_{c}" for c in clf.classes], "low_confidence",
+               "warnings", "ood_distance", "error"]
     used_names: set[str] = set()
     errors = 0
     with open(args.out, "w", newline="") as out, tqdm(total=len(files), unit="image", file=sys.stderr) as bar:
@@ -86,17 +88,24 @@ def predict_command(args: argparse.Namespace) -> int:
                     writer.writerow({"file": str(path), "error": error})
                     continue
                 prediction = next(predictions)
+                refused = not_a_chest_xray_error(clf, prediction)
+                if refused is not None:  # the app's rule: no class for what is not a chest X-ray
+                    errors += 1
+                    writer.writerow({"file": str(path), "ood_distance": prediction.ood_distance,
+                                     "error": refused.message})
+                    continue
                 writer.writerow(_row(path, prediction))
                 if heatmaps:
                     _write_heatmap(clf, gray, prediction.predicted_class, heatmaps, _unique(name, used_names))
             bar.update(len(batch))
-    print(f"{len(files) - errors} predicted, {errors} unreadable -> {args.out}", file=sys.stderr)
+    print(f"{len(files) - errors} predicted, {errors} unreadable or not chest X-rays -> {args.out}", file=sys.stderr)
     return 0
 
 
 def _row(path: Path, prediction) -> dict:
     row = {"file": str(path), "predicted_class": prediction.predicted_class,
-           "confidence": f"{prediction.confidence:.6f}", "low_confidence": prediction.low_confidence, "error": ""}
+           "confidence": f"{prediction.confidence:.6f}", "low_confidence": prediction.low_confidence,
+           "warnings": ";".join(prediction.warnings), "ood_distance": prediction.ood_distance, "error": ""}
     row.update({f"p_{c}": f"{p:.6f}" for c, p in prediction.probabilities.items()})
     return row
 
@@ -125,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PIPELINE_STAGES = ("ingest", "prepare_base_model", "train", "evaluate", "export")
+PIPELINE_STAGES = ("ingest", "prepare_base_model", "train", "evaluate", "reference", "export")
 
 
 def _add_stages(sub) -> None:

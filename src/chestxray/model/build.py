@@ -67,6 +67,21 @@ def build_model(
     return keras.Model(inputs, outputs, name=f"chestxray_{spec.name}")
 
 
+def with_features(model: keras.Model) -> keras.Model:
+    """The same network with two outputs from one forward pass: {"probabilities", "features"}.
+
+    "features" are the pooled backbone features (the head's input), used to tell whether an image
+    looks like the training X-rays at all (chestxray.model.ood). Raises ValueError for a model
+    without the "pool" layer build_model puts there.
+    """
+    try:
+        pooled = model.get_layer("pool").output
+    except ValueError:
+        raise ValueError(f"model {model.name} has no 'pool' layer: no features for the "
+                         "'not a chest X-ray' check") from None
+    return keras.Model(model.input, {"probabilities": model.output, "features": pooled}, name=f"{model.name}_features")
+
+
 def backbone_of(model: keras.Model) -> keras.Model:
     """The nested backbone model inside a classifier built by build_model."""
     return model.get_layer("backbone")

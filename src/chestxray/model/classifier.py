@@ -3,6 +3,10 @@
     clf = Classifier.from_artifacts("artifacts")        # what `dvc repro` produced (ONNX Runtime if exported)
     clf = Classifier.from_registry("chestxray", "champion")  # the MLflow registry's champion
     result = clf.predict_bytes(open("xray.jpeg", "rb").read())
+
+With artifacts/reference/ (the reference stage) each prediction also carries `ood_distance`, the
+distance of the image to the training X-rays in the model's feature space (chestxray.model.ood):
+a "not_a_chest_xray" warning from the warn threshold, `clf.refuses(prediction)` from the refuse one.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import numpy as np
 
 from chestxray.data.preprocess import decode_image, prepare_image
 from chestxray.model.decision import decide
+from chestxray.model.ood import ACCEPT, REFUSE, OodDetector, OodReferenceError
+from chestxray.model.ood import WARNING as OOD_WARNING
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +34,8 @@ METRICS_FILE = "metrics.json"
 # The export stage's output, inside <artifacts>/export/.
 EXPORT_DIR = "export"
 ONNX_FILE = "model.onnx"
+# The reference stage's output, inside <artifacts>/reference/ (see chestxray.model.ood).
+REFERENCE_DIR = "reference"
 
 # Which engine computes probabilities (Grad-CAM always uses Keras: it needs gradients).
 # auto: ONNX Runtime when an exported model.onnx of this very model.keras is there, else Keras.
@@ -42,6 +50,7 @@ class Prediction:
     probabilities: dict[str, float]
     low_confidence: bool
     warnings: list[str] = field(default_factory=list)
+    ood_distance: float | None = None  # feature-space distance to the training X-rays; None when the check is off
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,15 +109,42 @@ def _load_onnx(onnx_path: Path, keras_sha256: str, required: bool):
     return None
 
 
+def _load_reference(folder: str | Path | None, keras_sha256: str) -> tuple[OodDetector | None, str | None]:
+    """The OOD detector in `folder` and None, or None and why the check is off (a stale one is logged)."""
+    if folder is None:
+        return None, None
+    try:
+        return OodDetector.load(folder, keras_sha256), None
+    except OodReferenceError as exc:
+        log.warning("'not a chest X-ray' check off: %s", exc)
+        return None, str(exc)
+
+
+def _pair(outputs: dict) -> tuple:
+    return outputs["probabilities"], outputs["features"]
+
+
+def _concat(parts: list[tuple[np.ndarray, np.ndarray | None]], n_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stack per-batch (probabilities, features) pairs; features None if any batch had none."""
+    if not parts:
+        return np.zeros((0, n_classes), np.float32), None
+    probabilities = np.concatenate([p for p, _ in parts])
+    features = None if any(f is None for _, f in parts) else np.concatenate([f for _, f in parts])
+    return probabilities, features
+
+
 class Classifier:
     """A Keras model with its classes, input size, decision threshold and low-confidence threshold.
 
     Probabilities come from `onnx_runner` (ONNX Runtime) when one is given, else from the Keras model;
-    `backend` says which. `model` is always the Keras model (Grad-CAM needs it).
+    `backend` says which. `model` is always the Keras model (Grad-CAM needs it). `ood` (an
+    OodDetector) turns on the "not a chest X-ray" check; `ood_off_reason` says why it is off;
+    `reference_dir` is the folder it came from (it also holds the drift reference).
     """
 
     def __init__(self, model, info: dict, thresholds: dict | None = None, metrics: dict | None = None,
-                 version: str = "unknown", onnx_runner=None):
+                 version: str = "unknown", onnx_runner=None, ood=None, ood_off_reason: str | None = None,
+                 reference_dir: str | Path | None = None):
         self.model = model
         self.onnx_runner = onnx_runner
         self.backend = "onnx" if onnx_runner is not None else "keras"
@@ -124,16 +160,33 @@ class Classifier:
         # Graph mode: several times faster than eager calls for one image, traced once per batch shape.
         import tensorflow as tf
 
-        self._forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        from chestxray.model.build import with_features
+
+        try:  # probabilities and pooled features from one forward pass
+            two = with_features(model)
+            self._forward = tf.function(lambda x: _pair(two(x, training=False)), reduce_retracing=True)
+        except ValueError as exc:  # a model not made by build_model: probabilities only
+            self._forward = tf.function(lambda x: (model(x, training=False), None), reduce_retracing=True)
+            ood, ood_off_reason = None, str(exc)
+        if ood is not None and onnx_runner is not None and onnx_runner.features_name is None:
+            ood, ood_off_reason = None, (f"{onnx_runner.path} has no features output (exported before the check "
+                                         "existed) -- re-run the export stage (`dvc repro export`)")
+        self.ood = ood
+        self.reference_dir = Path(reference_dir) if ood is not None and reference_dir is not None else None
+        self.ood_off_reason = None if ood is not None else (
+            ood_off_reason or f"no reference was loaded with this model (the reference stage writes it to "
+                              f"artifacts/{REFERENCE_DIR}/; the MLflow registry holds none) -- run "
+                              "`dvc repro reference` and serve from artifacts/")
 
     @classmethod
     def from_dirs(cls, model_dir: str | Path, evaluation_dir: str | Path | None = None,
                   version: str | None = None, onnx_path: str | Path | None = None,
-                  backend: str | None = None) -> "Classifier":
+                  backend: str | None = None, reference_dir: str | Path | None = None) -> "Classifier":
         """Load model.keras + model_info.json from `model_dir`, thresholds and metrics from `evaluation_dir`.
 
         `backend` (auto | onnx | keras; None reads $CHESTXRAY_BACKEND, default auto) decides whether
-        the exported `onnx_path` computes the probabilities; see `choose_backend`.
+        the exported `onnx_path` computes the probabilities; see `choose_backend`. `reference_dir`
+        holds the "not a chest X-ray" reference (the check is off without one).
         """
         import keras
 
@@ -163,61 +216,108 @@ class Classifier:
             version = "sha256:" + sha256[:12]
         runner = _load_onnx(Path(onnx_path), sha256, required=requested == "onnx") if chosen == "onnx" else None
         model = keras.saving.load_model(model_path, compile=False)
-        return cls(model, info, thresholds, metrics, version, onnx_runner=runner)
+        ood, off_reason = _load_reference(reference_dir, sha256)
+        return cls(model, info, thresholds, metrics, version, onnx_runner=runner, ood=ood, ood_off_reason=off_reason,
+                   reference_dir=reference_dir)
 
     @classmethod
     def from_artifacts(cls, root: str | Path = "artifacts", backend: str | None = None) -> "Classifier":
-        """Load what the pipeline wrote under `root` (training/, evaluation/ and export/model.onnx if there)."""
+        """Load what the pipeline wrote under `root` (training/, evaluation/, export/model.onnx and reference/)."""
         root = Path(root)
         return cls.from_dirs(root / "training", root / "evaluation", onnx_path=root / EXPORT_DIR / ONNX_FILE,
-                             backend=backend)
+                             backend=backend, reference_dir=root / REFERENCE_DIR)
 
     @classmethod
     def from_registry(cls, name: str, alias: str = "champion", backend: str | None = None) -> "Classifier":
         """Load the registered model version that carries `alias` (MLFLOW_TRACKING_URI picks the store).
 
-        The registry holds the Keras model only, so `backend` auto means Keras here.
+        The registry holds the Keras model only, so `backend` auto means Keras here, and the
+        "not a chest X-ray" check is off (its reference is not registered).
         """
         from chestxray.tracking import download_registered_model
 
         local_dir, version = download_registered_model(name, alias)
         return cls.from_dirs(local_dir / "model", local_dir / "evaluation", version=version, backend=backend)
 
-    def _run(self, batch) -> np.ndarray:
-        """Probabilities for one batch of prepared inputs, on the chosen backend."""
+    def _run(self, batch) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and pooled features (None if unavailable) for one batch of prepared inputs."""
         if self.onnx_runner is not None:
-            return self.onnx_runner(np.asarray(batch, dtype=np.float32))
-        return self._forward(batch).numpy()
+            return self.onnx_runner.run(np.asarray(batch, dtype=np.float32))
+        probabilities, features = self._forward(batch)
+        return probabilities.numpy(), None if features is None else features.numpy()
+
+    def outputs(self, batch: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (N, C) and pooled features (N, D) or None, for prepared inputs (N, size, size, 3)."""
+        batch = np.asarray(batch, dtype=np.float32)
+        return _concat([self._run(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)],
+                       len(self.classes))
 
     def probabilities(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Class probabilities (N, C) for prepared inputs (N, size, size, 3)."""
-        batch = np.asarray(batch, dtype=np.float32)
-        out = [self._run(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+        return self.outputs(batch, batch_size)[0]
+
+    def outputs_for_files(self, paths: list[str], batch_size: int = 32,
+                          on_batch=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and features for image files, streamed in batches through the shared preprocessing.
+
+        `on_batch(inputs)` sees each batch of prepared inputs (e.g. to compute input statistics).
+        """
+        from chestxray.data.dataset import image_dataset
+
+        out = []
+        for batch in image_dataset(paths, self.image_size, batch_size):
+            if on_batch is not None:
+                on_batch(batch.numpy())
+            out.append(self._run(batch))
+        return _concat(out, len(self.classes))
 
     def probabilities_for_files(self, paths: list[str], batch_size: int = 32) -> np.ndarray:
         """Class probabilities (N, C) for image files, streamed in batches through the shared preprocessing."""
-        from chestxray.data.dataset import image_dataset
-
-        out = [self._run(batch) for batch in image_dataset(paths, self.image_size, batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+        return self.outputs_for_files(paths, batch_size)[0]
 
     def predict_arrays(self, batch: np.ndarray) -> list[Prediction]:
-        """Predictions for prepared inputs (N, size, size, 3)."""
-        probs = self.probabilities(batch)
+        """Predictions for prepared inputs (N, size, size, 3), with `ood_distance` when the check is on."""
+        probs, features = self.outputs(batch)
+        return self.predictions(probs, self.ood.distances(features) if self.ood is not None else None)
+
+    def predictions(self, probs: np.ndarray, distances: np.ndarray | None = None) -> list[Prediction]:
+        """Predictions from probabilities (N, C) and, optionally, feature-space distances (N,)."""
         chosen = decide(probs, self.classes, self.normal_class, self.decision_threshold)
+        distances = [None] * len(probs) if distances is None else distances
         results = []
-        for row, k in zip(probs, chosen):
+        for row, k, distance in zip(probs, chosen, distances):
             confidence = float(row[k])
             low = confidence < self.low_confidence_threshold
+            warnings = ["low_confidence"] if low else []
+            distance = None if distance is None else round(float(distance), 4)  # as answered, and judged
+            if distance is not None and self.ood is not None and self.ood.verdict(distance) != ACCEPT:
+                warnings.append(OOD_WARNING)
             results.append(Prediction(
                 predicted_class=self.classes[k],
                 confidence=confidence,
                 probabilities={c: float(p) for c, p in zip(self.classes, row)},
                 low_confidence=low,
-                warnings=["low_confidence"] if low else [],
+                warnings=warnings,
+                ood_distance=distance,
             ))
         return results
+
+    def ood_verdict(self, prediction: Prediction) -> str | None:
+        """The check's "accept", "warn" or "refuse" for a prediction of this classifier; None when it is off."""
+        if self.ood is None or prediction.ood_distance is None:
+            return None
+        return self.ood.verdict(prediction.ood_distance)
+
+    def refuses(self, prediction: Prediction) -> bool:
+        """True when the image is too far from the training X-rays to be classified at all."""
+        return self.ood_verdict(prediction) == REFUSE
+
+    def ood_info(self) -> dict:
+        """Whether the "not a chest X-ray" check is on, its thresholds, or why it is off (for /model/info)."""
+        if self.ood is None:
+            return {"enabled": False, "reason": self.ood_off_reason}
+        return {"enabled": True, "method": "Mahalanobis distance of the pooled backbone features to training X-rays",
+                "warn_distance": self.ood.warn, "refuse_distance": self.ood.refuse, "chosen_on": "validation"}
 
     def prepare(self, data: bytes) -> np.ndarray:
         """Decode image bytes and map them to this model's input (raises ImageError on bad input)."""

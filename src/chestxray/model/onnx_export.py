@@ -3,6 +3,7 @@
     export_onnx(model, "artifacts/export/model.onnx", image_size=224, metadata={"keras_sha256": ...})
     runner = OnnxRunner.load("artifacts/export/model.onnx")
     probabilities = runner(batch)                      # (N, size, size, 3) float32 in [0, 255] -> (N, C)
+    probabilities, features = runner.run(batch)        # and the pooled features (N, D), None in older exports
 
 Why: on an ordinary 2-core CPU, ONNX Runtime runs the same network markedly faster than Keras.
 The Keras model stays the source of truth (Grad-CAM needs its gradients); the ONNX file is a
@@ -23,6 +24,10 @@ TOLERANCE = 1e-4
 # ONNX opset written by the converter; onnxruntime >= 1.14 runs it.
 OPSET = 17
 INPUT_NAME = "image"
+# Output names (build.with_features' dict keys). An export from before features has one unnamed output.
+PROBABILITIES, FEATURES = "probabilities", "features"
+# Largest accepted max |f_onnx - f_keras| / max |f_keras| for the features (they feed the "not a chest X-ray" check).
+FEATURE_TOLERANCE = 1e-3
 # Keys of the metadata stored inside the .onnx file (ONNX metadata_props).
 META_KERAS_SHA256 = "chestxray.keras_sha256"
 
@@ -67,7 +72,9 @@ class OnnxRunner:
         self.session = session
         self.path = path
         self.input_name = session.get_inputs()[0].name
-        self.output_name = session.get_outputs()[0].name
+        names = [output.name for output in session.get_outputs()]
+        self.output_name = PROBABILITIES if PROBABILITIES in names else names[0]
+        self.features_name = FEATURES if FEATURES in names else None
         self.metadata: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
 
     @classmethod
@@ -90,22 +97,33 @@ class OnnxRunner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, C) for prepared inputs (N, size, size, 3)."""
+        return self.run(batch)[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (N, C) and pooled features (N, D) from one run; features None in an older export."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        return self.session.run([self.output_name], {self.input_name: batch})[0]
+        if self.features_name is None:
+            return self.session.run([self.output_name], {self.input_name: batch})[0], None
+        probabilities, features = self.session.run([self.output_name, self.features_name], {self.input_name: batch})
+        return probabilities, features
 
 
 @dataclass
 class CheckResult:
-    """How closely the ONNX model reproduces Keras on a set of images."""
+    """How closely the ONNX model reproduces Keras on a set of images: probabilities and features."""
 
-    max_abs_diff: float
+    max_abs_diff: float  # of the probabilities
     n_images: int
     mismatched: list[str] = field(default_factory=list)  # images whose predicted class differs
     tolerance: float = TOLERANCE
+    # max |f_onnx - f_keras| / max |f_keras| of the pooled features; None when the ONNX model has none.
+    features_max_rel_diff: float | None = None
+    features_tolerance: float = FEATURE_TOLERANCE
 
     @property
     def passed(self) -> bool:
-        return self.n_images > 0 and self.max_abs_diff <= self.tolerance and not self.mismatched
+        features_ok = self.features_max_rel_diff is not None and self.features_max_rel_diff <= self.features_tolerance
+        return self.n_images > 0 and self.max_abs_diff <= self.tolerance and not self.mismatched and features_ok
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -120,22 +138,39 @@ class CheckResult:
         if self.mismatched:
             parts.append(f"predicted class differs on {len(self.mismatched)} of {self.n_images} images "
                          f"(e.g. {self.mismatched[0]})")
+        if self.features_max_rel_diff is None:
+            parts.append(f"the ONNX model has no '{FEATURES}' output")
+        elif self.features_max_rel_diff > self.features_tolerance:
+            parts.append(f"features differ by up to {self.features_max_rel_diff:.3g} of their scale "
+                         f"> {self.features_tolerance:g}")
         return "ONNX model does not match Keras: " + "; ".join(parts)
 
 
 def check_onnx(keras_fn, onnx_fn, batches: Iterable[tuple[list[str], np.ndarray]],
                tolerance: float = TOLERANCE) -> CheckResult:
-    """Compare two probability functions batch by batch on (names, inputs) pairs; the inputs are shared."""
+    """Compare Keras and ONNX batch by batch on (names, inputs) pairs; the inputs are shared.
+
+    Each function maps a batch to (probabilities, features or None).
+    """
     worst, n, mismatched = 0.0, 0, []
+    feature_gap, feature_scale, features_missing = 0.0, 0.0, False
     for names, batch in batches:
-        expected, actual = np.asarray(keras_fn(batch)), np.asarray(onnx_fn(batch))
+        (expected, keras_features), (actual, onnx_features) = keras_fn(batch), onnx_fn(batch)
+        expected, actual = np.asarray(expected), np.asarray(actual)
         if expected.shape != actual.shape:
             raise OnnxModelError(f"ONNX output shape {actual.shape} differs from Keras' {expected.shape}")
         worst = max(worst, float(np.max(np.abs(expected - actual))) if len(batch) else 0.0)
         differ = np.argmax(expected, axis=1) != np.argmax(actual, axis=1)
         mismatched += [name for name, bad in zip(names, differ) if bad]
         n += len(batch)
-    return CheckResult(max_abs_diff=worst, n_images=n, mismatched=mismatched, tolerance=tolerance)
+        if onnx_features is None or keras_features is None or np.shape(onnx_features) != np.shape(keras_features):
+            features_missing = True
+        elif len(batch):
+            feature_gap = max(feature_gap, float(np.max(np.abs(onnx_features - keras_features))))
+            feature_scale = max(feature_scale, float(np.max(np.abs(keras_features))))
+    rel = None if features_missing else feature_gap / (feature_scale or 1.0)
+    return CheckResult(max_abs_diff=worst, n_images=n, mismatched=mismatched, tolerance=tolerance,
+                       features_max_rel_diff=rel)
 
 
 def write_check(result: CheckResult, path: str | Path, **extra) -> None:

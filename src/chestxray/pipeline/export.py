@@ -2,8 +2,9 @@
 
     python -m chestxray.pipeline.export --data artifacts/data --model artifacts/training --out artifacts/export
 
-Writes model.onnx (served by the app and the batch CLI through ONNX Runtime when present) and
-check.json (max |p_onnx - p_keras|, images checked, images whose predicted class differs). The ONNX
+Writes model.onnx (served by the app and the batch CLI through ONNX Runtime when present; two
+outputs: probabilities and the pooled features) and check.json (max |p_onnx - p_keras|, images
+checked, images whose predicted class differs, largest relative feature difference). The ONNX
 file is written only if the check passes; otherwise the stage fails with `error: ...`. Both files
 are logged to the MLflow run that train opened.
 """
@@ -57,6 +58,7 @@ def convert_and_check(model_dir: Path, paths: list[str], out: Path, tolerance: f
     """
     from chestxray.data.dataset import image_dataset
     from chestxray.model import onnx_export as X
+    from chestxray.model.build import with_features
     from chestxray.model.classifier import MODEL_FILE, ONNX_FILE, Classifier, file_sha256
 
     clf = Classifier.from_dirs(model_dir, backend="keras")
@@ -64,13 +66,14 @@ def convert_and_check(model_dir: Path, paths: list[str], out: Path, tolerance: f
     final = out / ONNX_FILE
     final.unlink(missing_ok=True)  # never leave an earlier export next to a new model
     with atomic_path(final) as partial:  # removed, not published, if the check fails
-        X.export_onnx(clf.model, partial, clf.image_size, {X.META_KERAS_SHA256: keras_sha})
+        # Both outputs: the app's "not a chest X-ray" check reads the features from the same run as the probabilities.
+        X.export_onnx(with_features(clf.model), partial, clf.image_size, {X.META_KERAS_SHA256: keras_sha})
         runner = X.OnnxRunner.load(partial)
         # The same tf.data reader as training and evaluation; it keeps file order, so names line up with batches.
         batch = 32
         names = [[_short(p) for p in paths[i : i + batch]] for i in range(0, len(paths), batch)]
         named = ((chunk, x.numpy()) for chunk, x in zip(names, image_dataset(paths, clf.image_size, batch)))
-        result = X.check_onnx(clf.probabilities, runner, named, tolerance)
+        result = X.check_onnx(clf.outputs, runner.run, named, tolerance)
         X.write_check(result, out / CHECK_FILE, keras_sha256=keras_sha, opset=X.OPSET)
         if not result.passed:
             raise ValueError(f"{result.failure()} (details in {out / CHECK_FILE})")
@@ -87,7 +90,8 @@ def export(config: dict, data_dir: Path, model_dir: Path, out: Path, tolerance: 
     result = convert_and_check(model_dir, split_paths(data_dir), out, tolerance)
     size_mb = (out / ONNX_FILE).stat().st_size / 2**20
     print(f"exported {out / ONNX_FILE} ({size_mb:.1f} MB): max |p_onnx - p_keras| = {result.max_abs_diff:.2e} "
-          f"on {result.n_images} test images, same class on all")
+          f"on {result.n_images} test images, same class on all; features within "
+          f"{result.features_max_rel_diff:.1e} of their scale")
     with tracking.resume_run(config, model_dir / "mlflow_run.json"):
         mlflow.log_metrics({"export.max_abs_diff": result.max_abs_diff, "export.n_images": result.n_images})
         mlflow.log_artifact(str(out / ONNX_FILE), "export")

@@ -45,7 +45,8 @@ def _configure_logging() -> None:
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Application factory: settings from the environment/.env, overridden by `config`."""
-    from chestxray.serving import admin, api, audit, auth, headers, model_state, pages, ratelimit, uploads
+    from chestxray.serving import (admin, api, audit, auth, headers, metrics, model_state, monitoring, pages,
+                                   ratelimit, uploads)
 
     _configure_logging()
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
@@ -71,7 +72,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         gemini.load_sdk()  # imported now, so no request's Gemini timeout is spent importing it
     model_state.install(app, load_classifier(settings))
 
+    app.extensions[metrics.EXTENSION] = app_metrics = metrics.Metrics()  # a registry of its own per app
+    app.extensions[monitoring.EXTENSION] = monitoring.monitor_for(
+        app.extensions[model_state.EXTENSION].classifier, settings["CHESTXRAY_DRIFT_MIN_COUNT"], app_metrics.registry)
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(monitoring.bp)
+    app.register_blueprint(metrics.bp)
     return app

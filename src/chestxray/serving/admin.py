@@ -11,7 +11,7 @@ import threading
 
 from flask import Blueprint, current_app, jsonify
 
-from chestxray.serving import model_state
+from chestxray.serving import model_state, monitoring
 from chestxray.serving.auth import requires_role
 from chestxray.serving.config import SETTINGS
 from chestxray.serving.errors import ApiError
@@ -34,6 +34,7 @@ def reload_model():
             raise ApiError(503, "reload_failed", f"{fresh.error} (still serving the previous model: "
                                                  f"{previous.version or 'none'})")
         model_state.install(current_app._get_current_object(), fresh)
+        monitoring.current_monitor().restart(*monitoring.reference_for(fresh.classifier))
     finally:
         RELOAD_LOCK.release()
     return jsonify(status="reloaded", model_version=fresh.version, previous_model_version=previous.version,

@@ -2,7 +2,9 @@
 
 Every error is JSON ``{"error": "<code>", "message": "<words>"}`` with a 4xx status (503 while no
 model is loaded). Prediction endpoints need an API key when keys are configured (auth.py).
-Image bytes and file names are never logged.
+Image bytes and file names are never logged. An image too far from the training X-rays in the
+model's feature space is not classified: 422 ``not_a_chest_xray`` (chestxray.model.ood).
+Every scored image is counted by the drift monitor (serving.monitoring).
 """
 from __future__ import annotations
 
@@ -25,12 +27,35 @@ from chestxray.serving.uploads import FileTooLarge, many_files, one_file, read_u
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
 
+NOT_A_CHEST_XRAY = "not_a_chest_xray"
+
 
 def _classifier():
     state = current_state()
     if state.classifier is None:
         raise ApiError(503, "model_unavailable", state.error or "no model loaded")
     return state.classifier
+
+
+def _predict(clf, grays: list[np.ndarray]) -> list:
+    """Predict decoded uploads in one batch and record them in the drift monitor."""
+    from chestxray.serving.monitoring import current_monitor
+
+    inputs = np.stack([prepare_image(gray, clf.image_size) for gray in grays])
+    predictions = clf.predict_arrays(inputs)
+    current_monitor().observe(inputs, [max(gray.shape[:2]) for gray in grays], predictions,
+                              [clf.ood_verdict(p) for p in predictions])
+    return predictions
+
+
+def not_a_chest_xray_error(clf, prediction) -> ApiError | None:
+    """The 422 error for an image the "not a chest X-ray" check refuses, else None."""
+    if not clf.refuses(prediction):
+        return None
+    return ApiError(422, NOT_A_CHEST_XRAY,
+                    f"this image does not look like a chest X-ray (distance {prediction.ood_distance:.1f} to the "
+                    f"X-rays the model was trained on; from {clf.ood.refuse:.1f} an image is not classified), so "
+                    "the model gives no answer for it -- upload a frontal chest X-ray")
 
 
 def _result(clf, prediction, started: float) -> dict[str, Any]:
@@ -64,6 +89,7 @@ def model_info():
         trained_at=clf.info.get("trained_at"),
         test_metrics=clf.metrics,
         thresholds={"decision_threshold": clf.decision_threshold, "low_confidence": clf.low_confidence_threshold},
+        not_a_chest_xray_check=clf.ood_info(),
         limits=_limits(),
     )
 
@@ -81,7 +107,10 @@ def predict():
     clf = _classifier()
     gray = read_upload(one_file())
     started = time.perf_counter()
-    prediction = clf.predict_arrays(prepare_image(gray, clf.image_size)[None])[0]
+    prediction = _predict(clf, [gray])[0]
+    refused = not_a_chest_xray_error(clf, prediction)
+    if refused is not None:
+        raise refused
     return jsonify(_result(clf, prediction, started))
 
 
@@ -92,19 +121,22 @@ def predict_batch():
     clf = _classifier()
     uploads = many_files()
     results: list[dict[str, Any]] = []
-    inputs, slots = [], []
+    grays, slots = [], []
     for index, upload in enumerate(uploads):
         try:
-            inputs.append(prepare_image(read_upload(upload), clf.image_size))
+            grays.append(read_upload(upload))
             slots.append(index)
             results.append({})
         except ApiError as exc:  # this file's status (what /predict would answer) and error, in its slot
             results.append({"index": index, "status": exc.status, **exc.to_dict()})
     started = time.perf_counter()
-    predictions = clf.predict_arrays(np.stack(inputs)) if inputs else []
+    predictions = _predict(clf, grays) if grays else []
     for index, prediction in zip(slots, predictions, strict=True):
-        results[index] = {"index": index, **_result(clf, prediction, started)}
-    return jsonify(results=results, count=len(results), errors=len(results) - len(inputs))
+        refused = not_a_chest_xray_error(clf, prediction)
+        results[index] = ({"index": index, "status": refused.status, **refused.to_dict()} if refused
+                          else {"index": index, **_result(clf, prediction, started)})
+    errors = sum(1 for r in results if "error" in r)
+    return jsonify(results=results, count=len(results), errors=errors)
 
 
 @bp.post("/predict/explain")
@@ -120,7 +152,10 @@ def predict_explain():
         raise ApiError(400, "unknown_class", f"unknown class {requested!r}; choose one of: {', '.join(clf.classes)}")
     gray = read_upload(upload)
     started = time.perf_counter()
-    prediction = clf.predict_arrays(prepare_image(gray, clf.image_size)[None])[0]
+    prediction = _predict(clf, [gray])[0]
+    refused = not_a_chest_xray_error(clf, prediction)
+    if refused is not None:  # no heatmap, no explanation for what is not a chest X-ray
+        raise refused
     result = _result(clf, prediction, started)
     started = time.perf_counter()
     try:
@@ -203,7 +238,8 @@ _UPLOAD_ERRORS = {
     "400": _error_response("missing field, empty file, too many files or unknown class"),
     "413": _error_response("a file over the per-file limit, or a request over the per-request limit"),
     "415": _error_response("not a JPEG, PNG or DICOM image"),
-    "422": _error_response("corrupt/truncated image, or a side outside 128-4096 px (image_too_small/_too_large)"),
+    "422": _error_response("corrupt/truncated image, a side outside 128-4096 px, or not_a_chest_xray: the image "
+                           "is too far from the training X-rays to be classified"),
     "503": _error_response("no model loaded"),
 }
 
@@ -225,13 +261,19 @@ def openapi_document() -> dict:
     backend = {"type": "string", "enum": ["onnx", "keras"], "description": "what computes the probabilities"}
     prediction = {
         "type": "object",
-        "required": ["predicted_class", "confidence", "probabilities", "low_confidence", "warnings", "model_version"],
+        "required": ["predicted_class", "confidence", "probabilities", "low_confidence", "warnings", "ood_distance",
+                     "model_version"],
         "properties": {
             "predicted_class": {"type": "string"},
             "confidence": {**number, "minimum": 0, "maximum": 1},
             "probabilities": {"type": "object", "additionalProperties": number, "description": "per class"},
             "low_confidence": {"type": "boolean", "description": "confidence below the low-confidence threshold"},
-            "warnings": {"type": "array", "items": {"type": "string"}},
+            "warnings": {"type": "array", "items": {"type": "string"},
+                         "description": "low_confidence; not_a_chest_xray (the image looks unlike the training "
+                                        "X-rays: read the answer with extra care)"},
+            "ood_distance": {**number, "nullable": True,
+                             "description": "distance to the training X-rays in the model's feature space; "
+                                            "null when the check is off (see /model/info)"},
             "model_version": {"type": "string"},
             "inference_time_ms": number,
         },
@@ -279,6 +321,12 @@ def openapi_document() -> dict:
                               "409": _error_response("a reload is already running"),
                               "503": _error_response("reload_failed: the previous model keeps serving")}},
                 role="admin")},
+            "/monitoring": {"get": _protected({
+                "summary": "Running statistics of scored images vs the training reference, with a drift flag "
+                           "and its reasons (admin key)",
+                "responses": {"200": {"description": "counts, signals, class mix, drift"}}}, role="admin")},
+            "/metrics": {"get": {"summary": "Prometheus metrics (text format)",
+                                 "responses": {"200": {"description": "text/plain; version=0.0.4"}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}},
         },
         "components": {"securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": HEADER}},
@@ -297,6 +345,9 @@ def openapi_document() -> dict:
                 "backbone": {"type": "string"}, "trained_at": {"type": "string"},
                 "test_metrics": {"type": "object"}, "thresholds": {"type": "object", "properties": {
                     "decision_threshold": number, "low_confidence": number}},
+                "not_a_chest_xray_check": {"type": "object", "properties": {
+                    "enabled": {"type": "boolean"}, "reason": {"type": "string", "description": "why it is off"},
+                    "warn_distance": number, "refuse_distance": number}},
                 "limits": {"type": "object"}}},
             "Prediction": prediction,
             "ExplainedPrediction": explained,

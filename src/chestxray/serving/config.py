@@ -15,6 +15,7 @@ SETTINGS: dict[str, tuple[type, Any]] = {
     "CHESTXRAY_BACKEND": (str, "auto"),  # auto | onnx | keras (see chestxray.model.classifier.choose_backend)
     "CHESTXRAY_MAX_BATCH": (int, 10),
     "CHESTXRAY_MAX_UPLOAD_MB": (float, 10.0),
+    "CHESTXRAY_DRIFT_MIN_COUNT": (int, 200),  # images scored before /monitoring compares them with the reference
     "GEMINI_API_KEY": (str, ""),
     "GEMINI_MODEL": (str, "gemini-2.5-flash"),
     "GEMINI_BASE_URL": (str, ""),

@@ -1,0 +1,218 @@
+"""Stage, reference: what chest X-rays look like to the trained model, for the "not a chest X-ray" check and drift.
+
+    python -m chestxray.pipeline.reference --data artifacts/data --model artifacts/training \
+        --evaluation artifacts/evaluation --out artifacts/reference
+
+Runs the model (probabilities and pooled features from one forward pass) over a stratified, seeded
+subset of at most `reference.max_train_images` train images and over every validation image. Fits
+the Mahalanobis reference (chestxray.model.ood) on the train features and sets its two thresholds
+on validation distances only. Then measures it: the share of test X-rays (at most
+`reference.max_test_images`) it would warn about or refuse, and the share of non-X-ray images from
+installed packages it catches (chestxray.evaluation.ood_samples). Writes
+
+- reference.npz: the detector, and the reference histograms of every drift signal (evaluation.drift),
+- ood.json: thresholds, the measured shares, the drift summaries, timing (read by the app and the model card),
+- non_xrays.csv: the distance and verdict of each non-X-ray sample.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from chestxray.pipeline.common import run_stage
+from chestxray.settings import load_config, load_params
+
+NON_XRAYS_FILE = "non_xrays.csv"  # distance and verdict of each non-X-ray sample
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--config", default="config/config.yaml")
+    parser.add_argument("--data", default="artifacts/data")
+    parser.add_argument("--model", default="artifacts/training")
+    parser.add_argument("--evaluation", default="artifacts/evaluation")
+    parser.add_argument("--out", default="artifacts/reference")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to the pipeline's MLflow run")
+    args = parser.parse_args(argv)
+    config = None if args.no_mlflow else load_config(args.config)
+    run_stage(lambda: reference(load_params(args.params, "reference"), config, Path(args.data), Path(args.model),
+                                Path(args.evaluation), Path(args.out)))
+
+
+def subset(paths: list[str], labels: list[str], limit: int, seed: int) -> list[str]:
+    """At most `limit` of `paths`, each class in its share (stratified), drawn with `seed`; in manifest order."""
+    if len(paths) <= limit:
+        return list(paths)
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+    chosen = []
+    for label in sorted(set(labels)):
+        members = np.flatnonzero(labels_arr == label)
+        take = max(1, round(limit * len(members) / len(paths)))
+        chosen += list(rng.choice(members, size=min(take, len(members)), replace=False))
+    return [paths[i] for i in sorted(chosen)[:limit]]
+
+
+def _image_sides(paths: list[str]) -> np.ndarray:
+    """Longer side in pixels of each image, from its header."""
+    from chestxray.data.preprocess import image_dimensions
+
+    return np.array([max(image_dimensions(Path(p).read_bytes())) for p in paths], np.float64)
+
+
+def shares(verdicts: list[str]) -> dict:
+    """How many of a set of images the check accepts, warns about, refuses; `caught` = warned or refused."""
+    from chestxray.model.ood import ACCEPT, REFUSE, WARN
+
+    n = len(verdicts)
+    counts = {v: sum(1 for x in verdicts if x == v) for v in (ACCEPT, WARN, REFUSE)}
+    return {"n": n, "accepted": counts[ACCEPT], "warned": counts[WARN], "refused": counts[REFUSE],
+            "caught_share": round((counts[WARN] + counts[REFUSE]) / n, 4) if n else None,
+            "refused_share": round(counts[REFUSE] / n, 4) if n else None}
+
+
+def _quantiles(values: np.ndarray) -> dict:
+    return {f"p{q}": round(float(np.percentile(values, q)), 3) for q in (50, 90, 99)} | {
+        "max": round(float(np.max(values)), 3)}
+
+
+def measure_non_xrays(clf, detector) -> dict:
+    """Distances and verdicts of the non-X-ray samples (read through the app's decoding and preprocessing)."""
+    from chestxray.data.preprocess import decode_image, prepare_image
+    from chestxray.evaluation.ood_samples import non_xray_samples
+    from chestxray.serving.config import MIN_SIDE
+
+    samples = non_xray_samples()
+    grays = [decode_image(s.data) for s in samples]
+    _, features = clf.outputs(np.stack([prepare_image(g, clf.image_size) for g in grays]))
+    distances = detector.distances(features)
+    items = [{"name": s.name, "source": s.source, "distance": round(float(d), 3), "verdict": detector.verdict(d),
+              "too_small_for_the_app": bool(min(g.shape[:2]) < MIN_SIDE)}
+             for s, g, d in zip(samples, grays, distances)]
+    by_source = {src: shares([i["verdict"] for i in items if i["source"] == src])
+                 for src in dict.fromkeys(i["source"] for i in items)}
+    missed = [i["name"] for i in items if i["verdict"] == "accept"]
+    return {**shares([i["verdict"] for i in items]), "by_source": by_source, "missed": missed, "images": items}
+
+
+def reference(params: dict, config: dict | None, data_dir: Path, model_dir: Path, evaluation_dir: Path,
+              out: Path) -> dict:
+    """Fit the reference, set thresholds on validation, measure; write reference.npz + ood.json (returned)."""
+    import pandas as pd
+
+    from chestxray.evaluation import drift
+    from chestxray.model.classifier import MODEL_FILE, Classifier, file_sha256
+    from chestxray.model.ood import OOD_FILE, OodDetector
+
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    # The thresholds and classes the app serves with, so the reference class mix is what the app would answer.
+    clf = Classifier.from_dirs(model_dir, evaluation_dir, backend="keras")
+    manifest = pd.read_csv(data_dir / "manifest.csv")
+    rows = {s: manifest[manifest.split == s] for s in ("train", "val", "test")}
+    paths = {s: [str(data_dir / p) for p in r.path] for s, r in rows.items()}
+    train = subset(paths["train"], list(rows["train"].label), params["max_train_images"], params["seed"])
+    n_test = params.get("max_test_images", 0)
+    test = subset(paths["test"], list(rows["test"].label), n_test, params["seed"]) if n_test > 0 else []
+    if not paths["val"]:
+        raise ValueError(f"{data_dir / 'manifest.csv'} lists no validation images to set the thresholds on")
+
+    inputs: list[dict[str, np.ndarray]] = []  # intensity signals of the train subset and validation images
+    _, train_features = clf.outputs_for_files(train, on_batch=lambda x: inputs.append(drift.input_signals(x)))
+    val_probs, val_features = clf.outputs_for_files(paths["val"],
+                                                    on_batch=lambda x: inputs.append(drift.input_signals(x)))
+    if train_features is None:
+        raise ValueError("the model gives no pooled features (no 'pool' layer): cannot fit the reference")
+    detector = OodDetector.fit(train_features)
+    val_distances = detector.distances(val_features)
+    detector.set_thresholds(val_distances, params["warn_quantile"], params["refuse_quantile"], params["refuse_margin"])
+    features_s = time.perf_counter() - started
+
+    val_predictions = clf.predictions(val_probs)
+    signals = {name: np.concatenate([batch[name] for batch in inputs]) for name in inputs[0]}
+    signals[drift.IMAGE_SIDE.name] = _image_sides(train + paths["val"])
+    signals[drift.CONFIDENCE.name] = np.array([p.confidence for p in val_predictions])
+    ood_signal = drift.ood_signal(detector.refuse)
+    signals[ood_signal.name] = val_distances
+    histograms = {f"hist_{s.name}": s.histogram(signals[s.name])
+                  for s in (drift.INTENSITY_MEAN, drift.INTENSITY_STD, drift.IMAGE_SIDE, drift.CONFIDENCE, ood_signal)}
+    class_mix = {c: sum(1 for p in val_predictions if p.predicted_class == c) for c in clf.classes}
+
+    summary = {
+        "method": "Mahalanobis distance of the model's pooled backbone features to training X-rays "
+                  "(mean and Ledoit-Wolf covariance); thresholds on validation X-rays only",
+        "keras_sha256": file_sha256(model_dir / MODEL_FILE),
+        "feature_dim": int(train_features.shape[1]),
+        "n_train_images": len(train),
+        "n_val_images": len(paths["val"]),
+        "thresholds": {"warn_distance": round(detector.warn, 4), "refuse_distance": round(detector.refuse, 4),
+                       "warn_quantile": params["warn_quantile"], "refuse_quantile": params["refuse_quantile"],
+                       "refuse_margin": params["refuse_margin"], "chosen_on": "validation"},
+        "validation": {**shares([detector.verdict(d) for d in val_distances]), "distance": _quantiles(val_distances)},
+    }
+    if test:
+        _, test_features = clf.outputs_for_files(test)
+        test_distances = detector.distances(test_features)
+        summary["test_xrays"] = {**shares([detector.verdict(d) for d in test_distances]),
+                                 "distance": _quantiles(test_distances)}
+    images = []
+    if params.get("measure_non_xrays", True):
+        summary["non_xrays"] = measure_non_xrays(clf, detector)
+        images = summary["non_xrays"].pop("images")
+    pd.DataFrame(images, columns=list(images[0]) if images else ["name", "source", "distance", "verdict"]).to_csv(
+        out / NON_XRAYS_FILE, index=False)
+    summary["drift_reference"] = {
+        **{name: {"n": int(len(v)), "mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)}
+           for name, v in signals.items()},
+        "class_mix": class_mix,
+        "sources": {"intensity_mean, intensity_std, image_side": "train subset + validation",
+                    "confidence, ood_distance, class_mix": "validation"},
+    }
+    summary["time_s"] = {"features": round(features_s, 1), "total": round(time.perf_counter() - started, 1)}
+
+    detector.save(out, histograms)
+    (out / OOD_FILE).write_text(json.dumps(summary, indent=2))
+    _report(summary)
+    if config is not None:
+        _log(config, model_dir, out, summary)
+    return summary
+
+
+def _report(summary: dict) -> None:
+    t = summary["thresholds"]
+    line = (f"reference: {summary['n_train_images']} train images, {summary['feature_dim']} features; thresholds "
+            f"warn {t['warn_distance']:.2f}, refuse {t['refuse_distance']:.2f} (validation)")
+    for key, label in (("test_xrays", "test X-rays refused"), ("non_xrays", "non-X-rays caught")):
+        if key in summary:
+            share = summary[key]["refused_share" if key == "test_xrays" else "caught_share"]
+            line += f"; {label} {100 * share:.1f}% of {summary[key]['n']}"
+    print(line + f"; {summary['time_s']['total']:.0f}s")
+
+
+def _log(config: dict, model_dir: Path, out: Path, summary: dict) -> None:
+    """Log the figures and the two files to the MLflow run that train opened."""
+    import mlflow
+
+    from chestxray import tracking
+    from chestxray.model.ood import OOD_FILE, REFERENCE_FILE
+
+    figures = {"ood.warn_distance": summary["thresholds"]["warn_distance"],
+               "ood.refuse_distance": summary["thresholds"]["refuse_distance"],
+               "ood.val_refused_share": summary["validation"]["refused_share"]}
+    if "test_xrays" in summary:
+        figures["ood.test_refused_share"] = summary["test_xrays"]["refused_share"]
+    if "non_xrays" in summary:
+        figures["ood.non_xray_caught_share"] = summary["non_xrays"]["caught_share"]
+    with tracking.resume_run(config, model_dir / "mlflow_run.json"):
+        mlflow.log_metrics(figures)
+        mlflow.log_artifact(str(out / OOD_FILE), "reference")
+        mlflow.log_artifact(str(out / REFERENCE_FILE), "reference")
+
+
+if __name__ == "__main__":
+    main()
