@@ -7,7 +7,7 @@ Prefer `dvc repro`: it skips stages whose inputs did not change.
 """
 import sys
 
-from chestxray.pipeline import evaluate, export, ingest, prepare_base_model, train
+from chestxray.pipeline import evaluate, export, ingest, model_card, prepare_base_model, robustness, train
 
 STAGES = {
     "ingest": ingest.main,
@@ -15,6 +15,8 @@ STAGES = {
     "train": train.main,
     "evaluate": evaluate.main,
     "export": export.main,
+    "robustness": robustness.main,
+    "model_card": model_card.main,
 }
 
 

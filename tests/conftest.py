@@ -1,8 +1,10 @@
 """Shared fixtures: paths to the real data in ../shared and a tiny trained model for app tests."""
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,4 +71,36 @@ def tiny_artifacts(tmp_path_factory, kermany224) -> Path:
     }))
     (root / "evaluation" / "thresholds.json").write_text(json.dumps({"decision_threshold": 0.5, "low_confidence": 0.6}))
     (root / "evaluation" / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "roc_auc": 0.5}))
+    return root
+
+
+def copy_model(src: Path, dest: Path, parts: tuple[str, ...] = ("training", "evaluation")) -> Path:
+    """Parts of an artifacts folder, copied (the session's tiny artifacts stay untouched)."""
+    for part in parts:
+        shutil.copytree(src / part, dest / part)
+    return dest
+
+
+def real_test_data(root: Path, kermany224: Path, per_class: int = 6) -> Path:
+    """A data folder whose manifest lists real test images (absolute paths) as the test split."""
+    data = root / "data"
+    data.mkdir()
+    rows = [{"path": str(p), "label": c, "split": "test"}
+            for c in ("NORMAL", "PNEUMONIA") for p in sorted((kermany224 / "test" / c).glob("*.jpeg"))[:per_class]]
+    with open(data / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_exported(tiny_artifacts, kermany224, tmp_path_factory) -> Path:
+    """tiny_artifacts plus export/model.onnx, written by the export stage's own function (read-only for tests)."""
+    from chestxray.model.onnx_export import TOLERANCE
+    from chestxray.pipeline import export as export_stage
+
+    root = copy_model(tiny_artifacts, tmp_path_factory.mktemp("exported"))
+    paths = export_stage.split_paths(real_test_data(root, kermany224))
+    export_stage.convert_and_check(root / "training", paths, root / "export", TOLERANCE)
     return root

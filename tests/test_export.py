@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,37 +13,15 @@ from chestxray.model.classifier import ONNX_FILE, Classifier, ModelNotFound, cho
 from chestxray.model.onnx_export import META_KERAS_SHA256, TOLERANCE, OnnxModelError
 from chestxray.pipeline import export as export_stage
 from chestxray.serving import create_app
+from conftest import copy_model as _copy_model
+from conftest import real_test_data as _data_dir
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 
 
-def _copy_model(src: Path, dest: Path) -> Path:
-    """training/ + evaluation/ of an artifacts folder, copied (the session's tiny_artifacts stay untouched)."""
-    for part in ("training", "evaluation"):
-        shutil.copytree(src / part, dest / part)
-    return dest
-
-
-def _data_dir(root: Path, kermany224: Path, per_class: int = 6) -> Path:
-    """A data folder whose manifest lists real test images (absolute paths) as the test split."""
-    data = root / "data"
-    data.mkdir()
-    rows = [{"path": str(p), "label": c, "split": "test"}
-            for c in CLASSES for p in sorted((kermany224 / "test" / c).glob("*.jpeg"))[:per_class]]
-    with open(data / "manifest.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return data
-
-
 @pytest.fixture(scope="module")
-def exported(tiny_artifacts, kermany224, tmp_path_factory) -> Path:
-    """An artifacts folder with the tiny model exported to export/model.onnx by the stage's own function."""
-    root = _copy_model(tiny_artifacts, tmp_path_factory.mktemp("exported"))
-    paths = export_stage.split_paths(_data_dir(root, kermany224))
-    export_stage.convert_and_check(root / "training", paths, root / "export", TOLERANCE)
-    return root
+def exported(tiny_exported) -> Path:
+    return tiny_exported
 
 
 @pytest.fixture(scope="module")

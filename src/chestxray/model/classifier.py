@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from chestxray.data.preprocess import decode_image, prepare_image
+from chestxray.evaluation.calibration import apply_temperature
 from chestxray.model.decision import decide
+from chestxray.model.tta import tta_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,7 @@ MODEL_FILE = "model.keras"
 INFO_FILE = "model_info.json"
 THRESHOLDS_FILE = "thresholds.json"
 METRICS_FILE = "metrics.json"
+MODEL_CARD_FILE = "model_card.md"
 # The export stage's output, inside <artifacts>/export/.
 EXPORT_DIR = "export"
 ONNX_FILE = "model.onnx"
@@ -101,14 +104,16 @@ def _load_onnx(onnx_path: Path, keras_sha256: str, required: bool):
 
 
 class Classifier:
-    """A Keras model with its classes, input size, decision threshold and low-confidence threshold.
+    """A Keras model with its classes, input size, temperature, decision and low-confidence thresholds.
 
     Probabilities come from `onnx_runner` (ONNX Runtime) when one is given, else from the Keras model;
-    `backend` says which. `model` is always the Keras model (Grad-CAM needs it).
+    `backend` says which. `model` is always the Keras model (Grad-CAM needs it). Served probabilities
+    are averaged over test-time augmentation views when `tta` is on, then divided by the temperature
+    fitted on validation (thresholds.json); `raw_probabilities` is the network's own output.
     """
 
     def __init__(self, model, info: dict, thresholds: dict | None = None, metrics: dict | None = None,
-                 version: str = "unknown", onnx_runner=None):
+                 version: str = "unknown", onnx_runner=None, tta: bool = False, card_path: Path | None = None):
         self.model = model
         self.onnx_runner = onnx_runner
         self.backend = "onnx" if onnx_runner is not None else "keras"
@@ -119,8 +124,15 @@ class Classifier:
         thresholds = thresholds or {}
         self.decision_threshold: float = float(thresholds.get("decision_threshold", 0.5))
         self.low_confidence_threshold: float = float(thresholds.get("low_confidence", 0.0))
+        self.temperature: float = float(thresholds.get("temperature", 1.0))
+        self.thresholds = thresholds
+        self.tta = bool(tta)
+        if "tta" in thresholds and bool(thresholds["tta"]) != self.tta:
+            log.warning("thresholds and temperature were chosen %s test-time augmentation but it is %s now",
+                        "with" if thresholds["tta"] else "without", "on" if self.tta else "off")
         self.metrics = metrics or {}
         self.version = version
+        self.card_path = card_path if card_path is not None and Path(card_path).is_file() else None
         # Graph mode: several times faster than eager calls for one image, traced once per batch shape.
         import tensorflow as tf
 
@@ -129,11 +141,12 @@ class Classifier:
     @classmethod
     def from_dirs(cls, model_dir: str | Path, evaluation_dir: str | Path | None = None,
                   version: str | None = None, onnx_path: str | Path | None = None,
-                  backend: str | None = None) -> "Classifier":
-        """Load model.keras + model_info.json from `model_dir`, thresholds and metrics from `evaluation_dir`.
+                  backend: str | None = None, tta: bool = False) -> "Classifier":
+        """Load model.keras + model_info.json from `model_dir`, thresholds, metrics, card from `evaluation_dir`.
 
         `backend` (auto | onnx | keras; None reads $CHESTXRAY_BACKEND, default auto) decides whether
-        the exported `onnx_path` computes the probabilities; see `choose_backend`.
+        the exported `onnx_path` computes the probabilities; see `choose_backend`. `tta` averages
+        every prediction over test-time augmentation views (4x the compute).
         """
         import keras
 
@@ -144,8 +157,9 @@ class Classifier:
         if not model_path.is_file():
             raise ModelNotFound(f"no trained model at {model_path} -- run `dvc repro` (or `python main.py`) first")
         info = json.loads((model_dir / INFO_FILE).read_text())
-        thresholds = metrics = None
+        thresholds = metrics = card = None
         if evaluation_dir is not None:
+            card = Path(evaluation_dir) / MODEL_CARD_FILE
             evaluation_dir = Path(evaluation_dir)
             if (evaluation_dir / THRESHOLDS_FILE).is_file():
                 thresholds = json.loads((evaluation_dir / THRESHOLDS_FILE).read_text())
@@ -160,17 +174,19 @@ class Classifier:
             version = "sha256:" + sha256[:12]
         runner = _load_onnx(Path(onnx_path), sha256, required=requested == "onnx") if chosen == "onnx" else None
         model = keras.saving.load_model(model_path, compile=False)
-        return cls(model, info, thresholds, metrics, version, onnx_runner=runner)
+        return cls(model, info, thresholds, metrics, version, onnx_runner=runner, tta=tta, card_path=card)
 
     @classmethod
-    def from_artifacts(cls, root: str | Path = "artifacts", backend: str | None = None) -> "Classifier":
+    def from_artifacts(cls, root: str | Path = "artifacts", backend: str | None = None,
+                       tta: bool = False) -> "Classifier":
         """Load what the pipeline wrote under `root` (training/, evaluation/ and export/model.onnx if there)."""
         root = Path(root)
         return cls.from_dirs(root / "training", root / "evaluation", onnx_path=root / EXPORT_DIR / ONNX_FILE,
-                             backend=backend)
+                             backend=backend, tta=tta)
 
     @classmethod
-    def from_registry(cls, name: str, alias: str = "champion", backend: str | None = None) -> "Classifier":
+    def from_registry(cls, name: str, alias: str = "champion", backend: str | None = None,
+                      tta: bool = False) -> "Classifier":
         """Load the registered model version that carries `alias` (MLFLOW_TRACKING_URI picks the store).
 
         The registry holds the Keras model only, so `backend` auto means Keras here.
@@ -178,7 +194,8 @@ class Classifier:
         from chestxray.tracking import download_registered_model
 
         local_dir, version = download_registered_model(name, alias)
-        return cls.from_dirs(local_dir / "model", local_dir / "evaluation", version=version, backend=backend)
+        return cls.from_dirs(local_dir / "model", local_dir / "evaluation", version=version, backend=backend,
+                             tta=tta)
 
     def _run(self, batch) -> np.ndarray:
         """Probabilities for one batch of prepared inputs, on the chosen backend."""
@@ -186,17 +203,30 @@ class Classifier:
             return self.onnx_runner(np.asarray(batch, dtype=np.float32))
         return self._forward(batch).numpy()
 
-    def probabilities(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Class probabilities (N, C) for prepared inputs (N, size, size, 3)."""
+    def _served(self, batch, tta: bool | None = None) -> np.ndarray:
+        """Served probabilities for one batch: TTA-averaged if on, then temperature-scaled."""
+        tta = self.tta if tta is None else tta
+        probs = tta_probabilities(self._run, np.asarray(batch, np.float32)) if tta else self._run(batch)
+        return apply_temperature(probs, self.temperature)
+
+    def _batched(self, run, batch: np.ndarray, batch_size: int) -> np.ndarray:
         batch = np.asarray(batch, dtype=np.float32)
-        out = [self._run(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)]
+        out = [run(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
+    def raw_probabilities(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """The network's own output (N, C): no augmentation, no temperature (what the ONNX export is checked on)."""
+        return self._batched(self._run, batch, batch_size)
+
+    def probabilities(self, batch: np.ndarray, batch_size: int = 32, tta: bool | None = None) -> np.ndarray:
+        """Served class probabilities (N, C) for prepared inputs (N, size, size, 3); `tta` overrides self.tta."""
+        return self._batched(lambda b: self._served(b, tta), batch, batch_size)
+
     def probabilities_for_files(self, paths: list[str], batch_size: int = 32) -> np.ndarray:
-        """Class probabilities (N, C) for image files, streamed in batches through the shared preprocessing."""
+        """Served class probabilities (N, C) for image files, streamed through the shared preprocessing."""
         from chestxray.data.dataset import image_dataset
 
-        out = [self._run(batch) for batch in image_dataset(paths, self.image_size, batch_size)]
+        out = [self._served(batch.numpy()) for batch in image_dataset(paths, self.image_size, batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict_arrays(self, batch: np.ndarray) -> list[Prediction]:

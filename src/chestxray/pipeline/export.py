@@ -70,7 +70,7 @@ def convert_and_check(model_dir: Path, paths: list[str], out: Path, tolerance: f
     batch = 32
     names = [[_short(p) for p in paths[i : i + batch]] for i in range(0, len(paths), batch)]
     named = ((chunk, x.numpy()) for chunk, x in zip(names, image_dataset(paths, clf.image_size, batch)))
-    result = X.check_onnx(clf.probabilities, runner, named, tolerance)
+    result = X.check_onnx(clf.raw_probabilities, runner, named, tolerance)  # network outputs, before temperature
     X.write_check(result, out / CHECK_FILE, keras_sha256=keras_sha, opset=X.OPSET)
     if not result.passed:
         partial.unlink(missing_ok=True)
