@@ -48,6 +48,25 @@ def test_tta_probabilities_average_over_the_views():
     assert not np.allclose(expected, left_half_brightness(batch))
 
 
+def test_classifier_tta_averages_the_views_then_applies_the_temperature_on_both_backends(varying_exported,
+                                                                                          kermany224):
+    from chestxray.evaluation.calibration import apply_temperature
+
+    paths = sorted((kermany224 / "test").glob("*/*.jpeg"))[::150]
+    served = {}
+    for backend in ("onnx", "keras"):
+        clf = Classifier.from_artifacts(varying_exported, backend=backend, tta=True)
+        assert clf.backend == backend and clf.temperature == 1.5
+        x = np.stack([clf.prepare(p.read_bytes()) for p in paths])
+        expected = apply_temperature(np.mean([clf.raw_probabilities(v) for v in tta_views(x)], axis=0), 1.5)
+        served[backend] = clf.probabilities(x)
+        assert np.allclose(served[backend], expected, atol=1e-6)
+        assert not np.allclose(served[backend], clf.probabilities(x, tta=False), atol=1e-4)
+        assert clf.predict_arrays(x[:1])[0].probabilities["PNEUMONIA"] == pytest.approx(served[backend][0, 1],
+                                                                                        abs=1e-6)
+    assert np.allclose(served["onnx"], served["keras"], atol=1e-4)
+
+
 # --- corruptions ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -91,9 +110,9 @@ def test_stratified_subset_keeps_class_shares_and_is_seeded():
 # --- the stage ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def robustness_run(tiny_exported, kermany224, tmp_path_factory):
-    """The stage's own function on the tiny exported model and 8 real test images (4 per class)."""
-    root = copy_model(tiny_exported, tmp_path_factory.mktemp("robust"), ("training", "evaluation", "export"))
+def robustness_run(varying_exported, kermany224, tmp_path_factory):
+    """The stage's own function on an exported model and 8 of 12 real test images (4 per class)."""
+    root = copy_model(varying_exported, tmp_path_factory.mktemp("robust"), ("training", "evaluation", "export"))
     data = real_test_data(root, kermany224, per_class=6)
     config = {"mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "t",
                          "registered_model": "t"}}
@@ -111,6 +130,7 @@ def test_stage_writes_a_row_per_corruption_and_severity_plus_clean_and_tta(robus
     for column in ("accuracy", "roc_auc", "ece"):
         assert table[column].between(0, 1).all(), column
     corrupted = table[table.severity > 0]
+    assert corrupted.accuracy.nunique() > 1 and table.roc_auc.nunique() > 1  # the corruptions reach the model
     assert np.allclose(corrupted.accuracy_drop, table.accuracy[0] - corrupted.accuracy)
     assert (corrupted.accuracy_drop_ci95_low <= corrupted.accuracy_drop + 1e-9).all()
 

@@ -38,8 +38,18 @@ def _intended_use() -> list[str]:
     return ["## Intended use", "",
             "Decision support for clinicians reading frontal chest X-rays: it draws attention to images the "
             "model scores as abnormal. **It is not a diagnosis** and must not be used without a qualified reader. "
-            "Not for triage without review, not for screening populations, not for adults without local validation.",
+            "Not for triage without review, not for screening populations, not for patients unlike the training "
+            "data (see Data) without local validation.",
             ""]
+
+
+# What is known about the default data set; another source gets its path and a prompt to describe it.
+KERMANY = ("Kermany et al. 2018 (Guangzhou Women and Children's Medical Center): anterior-posterior chest X-rays "
+           "of pediatric patients aged one to five, from one hospital.")
+
+
+def _is_kermany(report: dict) -> bool:
+    return "kermany" in str(report.get("source", "")).lower()
 
 
 def _data(report: dict) -> list[str]:
@@ -47,9 +57,9 @@ def _data(report: dict) -> list[str]:
     classes = report.get("classes", [])
     rows = [[split, *[counts[split].get(c, 0) for c in classes], sum(counts[split].values())] for split in counts]
     overlap = report.get("patient_overlap", {})
+    source = KERMANY if _is_kermany(report) else "Describe this data set's population and sites before use."
     return ["## Data", "",
-            "Kermany et al. 2018 (Guangzhou Women and Children's Medical Center): pediatric patients aged 1-5, "
-            "one hospital, anterior-posterior chest X-rays. Validation is carved out of train by patient; the "
+            f"Source: `{report.get('source', 'n/a')}`. {source} Validation is carved out of train by patient; an "
             "official test split is kept as released.", "",
             *_table(["split", *classes, "total"], rows), "",
             f"Rejected files: {len(report.get('rejected', []))}. Train images of patients who also appear in "
@@ -114,18 +124,23 @@ def _ood(ood: dict | None) -> list[str]:
     return ["## Not a chest X-ray (out-of-distribution check)", "", *_table(["measure", "value"], rows), ""]
 
 
-def _limitations() -> list[str]:
-    return ["## Limitations", "",
-            "- Trained and tested on one pediatric dataset from one hospital; adult, portable/ICU, lateral and "
-            "other sites' images are outside what was measured. The test split already scores normal images as "
-            "more abnormal than validation does (lower specificity): expect shifts elsewhere.",
-            "- Two labels only (normal, pneumonia as one class: bacterial and viral together); other findings "
-            "are not recognised and may be called either.",
-            "- Calibration and thresholds were fitted on validation images from the training distribution; "
-            "confidence on other populations is not calibrated by construction.",
-            "- Grad-CAM heatmaps show what the model used, not where the disease is.",
-            "- Robustness figures come from a subset of the test split: differences of a few points are within noise.",
-            ""]
+def _limitations(report: dict, info: dict, metrics: dict) -> list[str]:
+    population = ("one pediatric data set from one hospital; adult, portable/ICU, lateral and other sites' images "
+                  "are outside what was measured" if _is_kermany(report) else "one data set; other populations "
+                  "and sites are outside what was measured")
+    lines = ["## Limitations", "", f"- Trained and tested on {population}.",
+             f"- Only these classes: {', '.join(info.get('classes', []))}; other findings are not recognised and "
+             "will be called one of them."]
+    val, test = metrics.get("val", {}).get("accuracy"), metrics.get("accuracy")
+    if val is not None and test is not None and val - test > 0.02:
+        lines.append(f"- Test accuracy ({test:.3f}) is below validation accuracy ({val:.3f}): the test split "
+                     "differs from the training distribution, and other data will differ more.")
+    return lines + [
+        "- Calibration and thresholds were fitted on validation images from the training distribution; "
+        "confidence on other populations is not calibrated by construction.",
+        "- Grad-CAM heatmaps show what the model used, not where the disease is.",
+        "- Robustness figures come from a subset of the test split: differences of a few points are within noise.",
+        ""]
 
 
 def render_model_card(info: dict, version: str, report: dict, metrics: dict, thresholds: dict,
@@ -134,8 +149,8 @@ def render_model_card(info: dict, version: str, report: dict, metrics: dict, thr
     """The model card as Markdown, from the pipeline's outputs (robustness and ood sections when given)."""
     lines = ["# Model card: chestxray", "",
              "> Decision support, not a diagnosis. Every output is a probability from a model trained on one "
-             "pediatric dataset.", "",
+             "data set.", "",
              *_model(info, version), *_intended_use(), *_data(report), *_metrics(metrics),
              *_calibration(metrics, thresholds), *_robustness(robustness, robustness_table), *_ood(ood),
-             *_limitations()]
+             *_limitations(report, info, metrics)]
     return "\n".join(lines)
