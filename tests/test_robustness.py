@@ -67,6 +67,20 @@ def test_classifier_tta_averages_the_views_then_applies_the_temperature_on_both_
     assert np.allclose(served["onnx"], served["keras"], atol=1e-4)
 
 
+def test_app_setting_turns_tta_on(varying_exported, fullsize_dir):
+    import io
+
+    from chestxray.serving import create_app
+
+    xray = sorted(fullsize_dir.glob("*/*.jpeg"))[0].read_bytes()
+    expected = Classifier.from_artifacts(varying_exported, tta=True).predict_bytes(xray)
+    client = create_app({"CHESTXRAY_ARTIFACTS": str(varying_exported), "CHESTXRAY_TTA": "1",
+                         "GEMINI_API_KEY": ""}).test_client()
+    assert client.get("/model/info").get_json()["tta"] is True
+    body = client.post("/predict", data={"file": (io.BytesIO(xray), "x.jpeg")}).get_json()
+    assert body["probabilities"] == pytest.approx(expected.probabilities, abs=1e-5)
+
+
 # --- corruptions ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
