@@ -159,8 +159,8 @@ class Classifier:
         info = json.loads((model_dir / INFO_FILE).read_text())
         thresholds = metrics = card = None
         if evaluation_dir is not None:
-            card = Path(evaluation_dir) / MODEL_CARD_FILE
             evaluation_dir = Path(evaluation_dir)
+            card = evaluation_dir / MODEL_CARD_FILE
             if (evaluation_dir / THRESHOLDS_FILE).is_file():
                 thresholds = json.loads((evaluation_dir / THRESHOLDS_FILE).read_text())
             if (evaluation_dir / METRICS_FILE).is_file():
