@@ -29,9 +29,9 @@ ROBUSTNESS = {"n_images": 200, "n_test": 624, "backend": "onnx",
               "worst_accuracy_drop": {"variant": "clahe_s2", "drop": 0.085, "ci95": [0.04, 0.13]},
               "worst_roc_auc_drop": {"variant": "gaussian_noise_s2", "drop": 0.031}}
 TABLE = [{"variant": "clean", "setting": "as acquired", "severity": 0, "accuracy": 0.9, "roc_auc": 0.97, "ece": 0.05,
-          "accuracy_drop": float("nan")},
+          "sensitivity": 0.99, "specificity": 0.8, "accuracy_drop": float("nan")},
          {"variant": "clahe_s2", "setting": "4", "severity": 2, "accuracy": 0.815, "roc_auc": 0.95, "ece": 0.1,
-          "accuracy_drop": 0.085}]
+          "sensitivity": 0.98, "specificity": 0.6, "accuracy_drop": 0.085}]
 
 
 def test_card_holds_data_use_metrics_calibration_robustness_and_limits():
@@ -45,8 +45,8 @@ def test_card_holds_data_use_metrics_calibration_robustness_and_limits():
     assert "T = 1.700" in card and "0.091 before, 0.041 after" in card
     assert "Decision threshold on P(any disease): 0.620" in card
     assert "Low-confidence threshold: 0.810" in card and "under 90.0%" in card and "8.0% of test" in card
-    assert "**0.085** (clahe_s2" in card and "| clahe_s2 | 4 | 0.815 | 0.950 | 0.100 | 0.085 |" in card
-    assert "| clean | as acquired | 0.900 | 0.970 | 0.050 |  |" in card
+    assert "**0.085** (clahe_s2" in card and "| clahe_s2 | 4 | 0.815 | 0.950 | 0.100 | 0.980 | 0.600 | 0.085 |" in card
+    assert "| clean | as acquired | 0.900 | 0.970 | 0.050 | 0.990 | 0.800 |  |" in card
     assert "out-of-distribution" not in card.lower()
 
 
@@ -82,7 +82,7 @@ def test_stage_writes_the_card_from_the_pipeline_files(carded):
     card = (carded / "evaluation" / "model_card.md").read_text()
     assert "mobilenetv2" in card  # the real model_info.json of the tiny model
     assert "T = 1.700" in card and "**0.085** (clahe_s2" in card
-    assert "| clean | as acquired | 0.900 | 0.970 | 0.050 |  |" in card  # NaN drop of the clean row read back
+    assert "| clean | as acquired | 0.900 | 0.970 | 0.050 | 0.990 | 0.800 |  |" in card  # NaN drop of the clean row read back
     assert "Not a chest X-ray" not in card
 
 

@@ -108,9 +108,11 @@ def _robustness(robustness: dict | None, table: list[dict] | None) -> list[str]:
              f"{_num(worst['ci95'][1])}); worst ROC AUC drop: {_num(auc['drop'])} ({auc['variant']}).", ""]
     if table:
         rows = [[r["variant"], r.get("setting", ""), _num(r["accuracy"]), _num(r["roc_auc"]), _num(r["ece"]),
+                 _num(r.get("sensitivity")), _num(r.get("specificity")),
                  "" if r["variant"] == "clean" else _num(r.get("accuracy_drop"))]
                 for r in table]
-        lines += [*_table(["setting", "value", "accuracy", "ROC AUC", "ECE", "accuracy drop"], rows), ""]
+        lines += [*_table(["setting", "value", "accuracy", "ROC AUC", "ECE", "sensitivity", "specificity",
+                           "accuracy drop"], rows), ""]
     return lines
 
 
