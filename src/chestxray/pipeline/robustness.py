@@ -56,7 +56,7 @@ def score(clf, y: np.ndarray, probs: np.ndarray, bins: int) -> tuple[dict, np.nd
     """(the METRICS of served probabilities, per-image correctness) under the model's decision threshold."""
     from chestxray.evaluation.metrics import classification_metrics
 
-    if len(np.unique(y)) < 2:  # ROC AUC is undefined; the rest still means something
+    if len(np.unique(y)) < 2:  # ROC AUC (and the drops against clean) need both classes
         raise ValueError("the robustness subset holds one class only -- raise robustness.max_images")
     metrics, tables = classification_metrics(y, probs, clf.classes, clf.normal_class, clf.decision_threshold, bins)
     return {k: metrics[k] for k in METRICS if k in metrics}, tables["predicted"] == y
