@@ -8,7 +8,8 @@ another `python main.py` or a `dvc repro` in the same folder is refused (see che
 """
 import sys
 
-from chestxray.pipeline import evaluate, export, ingest, prepare_base_model, reference, train
+from chestxray.pipeline import (evaluate, export, ingest, model_card, prepare_base_model, reference, robustness,
+                                train)
 from chestxray.pipeline.lock import PipelineBusy, whole_run_lock
 
 STAGES = {
@@ -18,6 +19,8 @@ STAGES = {
     "evaluate": evaluate.main,
     "reference": reference.main,
     "export": export.main,
+    "robustness": robustness.main,
+    "model_card": model_card.main,
 }
 
 

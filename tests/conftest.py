@@ -1,8 +1,10 @@
 """Shared fixtures: paths to the real data in ../shared and a tiny trained model for app tests."""
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -42,7 +44,7 @@ def tiny_artifacts(tmp_path_factory, kermany224) -> Path:
     """A small MobileNetV2 (96 px, no pretrained weights) trained briefly on 64 real images.
 
     Laid out like the pipeline's artifacts/: training/{model.keras, model_info.json},
-    evaluation/{thresholds.json, metrics.json}. Good enough to exercise serving, not to diagnose.
+    evaluation/{thresholds.json, metrics.json, model_card.md}. Good enough to exercise serving, not to diagnose.
     """
     import keras
     import numpy as np
@@ -61,6 +63,9 @@ def tiny_artifacts(tmp_path_factory, kermany224) -> Path:
 
     root = save_artifacts(model, tmp_path_factory.mktemp("artifacts"), classes, size, "mobilenetv2")
     (root / "evaluation" / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "roc_auc": 0.5}))
+    (root / "evaluation" / "model_card.md").write_text(
+        "# Model card: tiny test model\n\n| split | images |\n|---|---|\n| train | 64 |\n\n"
+        "Not a diagnosis. <script>alert(1)</script>\n")
     return root
 
 
@@ -79,7 +84,6 @@ def save_artifacts(model, root: Path, classes: list[str], size: int, backbone: s
 
 def write_manifest(data_dir: Path, rows: list[dict]) -> Path:
     """A data folder's manifest.csv (path, label, split) listing real images by absolute path."""
-    import csv
 
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "manifest.csv", "w", newline="") as fh:
@@ -161,3 +165,59 @@ def gunicorn_server(tiny_artifacts, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+def copy_model(src: Path, dest: Path, parts: tuple[str, ...] = ("training", "evaluation")) -> Path:
+    """Parts of an artifacts folder, copied (the session's tiny artifacts stay untouched)."""
+    for part in parts:
+        shutil.copytree(src / part, dest / part)
+    return dest
+
+
+def real_test_data(root: Path, kermany224: Path, per_class: int = 6) -> Path:
+    """A data folder whose manifest lists real test images (absolute paths) as the test split."""
+    return write_manifest(root / "data", [{"path": str(p), "label": c, "split": "test"} for c in ("NORMAL", "PNEUMONIA")
+                                          for p in sorted((kermany224 / "test" / c).glob("*.jpeg"))[:per_class]])
+
+
+@pytest.fixture(scope="session")
+def tiny_exported(tiny_artifacts, kermany224, tmp_path_factory) -> Path:
+    """tiny_artifacts plus export/model.onnx, written by the export stage's own function (read-only for tests)."""
+    from chestxray.model.onnx_export import TOLERANCE
+    from chestxray.pipeline import export as export_stage
+
+    root = copy_model(tiny_artifacts, tmp_path_factory.mktemp("exported"))
+    paths = export_stage.split_paths(real_test_data(root, kermany224))
+    export_stage.convert_and_check(root / "training", paths, root / "export", TOLERANCE)
+    return root
+
+
+@pytest.fixture(scope="session")
+def varying_exported(kermany224, tmp_path_factory) -> Path:
+    """A tiny random conv net (96 px) whose output moves with every pixel, laid out like artifacts/ and exported.
+
+    tiny_artifacts' MobileNetV2 answers almost the same for every image, which hides what test-time
+    augmentation and corruptions do; this one does not (it is not trained: only for plumbing checks).
+    """
+    import keras
+
+    from chestxray.model.onnx_export import TOLERANCE
+    from chestxray.pipeline import export as export_stage
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((96, 96, 3)), keras.layers.Rescaling(1 / 127.5, offset=-1),
+        keras.layers.Conv2D(4, 5, strides=4, activation="relu"), keras.layers.Flatten(),
+        keras.layers.Dense(2, activation="softmax", kernel_initializer=keras.initializers.RandomNormal(0, 0.05, seed=1)),
+    ])
+    root = tmp_path_factory.mktemp("varying")
+    (root / "training").mkdir()
+    (root / "evaluation").mkdir()
+    model.save(root / "training" / "model.keras")
+    (root / "training" / "model_info.json").write_text(json.dumps(
+        {"classes": ["NORMAL", "PNEUMONIA"], "normal_class": "NORMAL", "image_size": 96, "backbone": "random-conv"}))
+    (root / "evaluation" / "thresholds.json").write_text(json.dumps(
+        {"decision_threshold": 0.3, "low_confidence": 0.6, "temperature": 1.5}))
+    paths = export_stage.split_paths(real_test_data(root, kermany224))
+    export_stage.convert_and_check(root / "training", paths, root / "export", TOLERANCE)
+    return root

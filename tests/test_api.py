@@ -125,7 +125,9 @@ def test_model_info(client):
     assert body["backbone"] == "mobilenetv2"
     assert body["trained_at"].startswith("2026-01-01")
     assert body["test_metrics"] == {"accuracy": 0.5, "roc_auc": 0.5}
-    assert body["thresholds"] == {"decision_threshold": 0.5, "low_confidence": 0.6}
+    assert body["thresholds"] == {"decision_threshold": 0.5, "low_confidence": 0.6, "temperature": 1.0}
+    assert body["tta"] is False
+    assert body["model_card"] == "/model/card"
     assert body["model_version"].startswith("sha256:")
 
 
@@ -204,8 +206,8 @@ def test_explain_unknown_class(client, xray):
 def test_openapi_describes_every_endpoint(client, app):
     doc = client.get("/openapi.json").get_json()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/health", "/model/info", "/predict", "/predict/batch", "/predict/explain",
-                                 "/admin/reload", "/monitoring", "/metrics", "/openapi.json"}
+    assert set(doc["paths"]) == {"/health", "/model/info", "/model/card", "/predict", "/predict/batch",
+                                 "/predict/explain", "/admin/reload", "/monitoring", "/metrics", "/openapi.json"}
     blueprints = ("api", "admin", "monitoring", "metrics")
     rules = {r.rule: r for r in app.url_map.iter_rules() if r.endpoint.split(".")[0] in blueprints}
     assert set(rules) == set(doc["paths"])
@@ -375,6 +377,23 @@ def test_settings_from_env_dotenv_and_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("CHESTXRAY_MAX_BATCH", "lots")
     with pytest.raises(ValueError, match="CHESTXRAY_MAX_BATCH"):
         load_settings()
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("1", True), ("Yes", True), ("on", True), ("false", False),
+                                               ("0", False), ("", False)])
+def test_tta_setting_is_a_real_boolean(monkeypatch, raw, expected):
+    from chestxray.serving.config import load_settings
+
+    monkeypatch.setenv("CHESTXRAY_TTA", raw)
+    assert load_settings(dotenv=False)["CHESTXRAY_TTA"] is expected
+
+
+def test_tta_setting_rejects_words_it_does_not_know(monkeypatch):
+    from chestxray.serving.config import load_settings
+
+    monkeypatch.setenv("CHESTXRAY_TTA", "maybe")
+    with pytest.raises(ValueError, match="CHESTXRAY_TTA='maybe' is not a valid boolean"):
+        load_settings(dotenv=False)
 
 
 def test_settings_test_leaves_environment_clean():

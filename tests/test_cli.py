@@ -66,6 +66,21 @@ def test_predict_folder_with_heatmaps(inputs, tiny_artifacts, tmp_path, capsys):
     assert "16 predicted, 1 unreadable" in capsys.readouterr().err
 
 
+def test_predict_with_tta_matches_the_classifier_with_tta(inputs, varying_exported, tmp_path):
+    files = sorted((inputs / "NORMAL").glob("*.jpeg"))[:2]
+    rows = {}
+    for tta in (False, True):
+        out = tmp_path / f"tta_{tta}.csv"
+        assert main(["predict", *map(str, files), "--out", str(out), "--artifacts", str(varying_exported),
+                     *(["--tta"] if tta else [])]) == 0
+        rows[tta] = read_rows(out)[1]
+    clf = Classifier.from_artifacts(varying_exported, tta=True)
+    for path, row, plain in zip(files, rows[True], rows[False], strict=True):
+        expected = clf.predict_bytes(path.read_bytes()).probabilities["PNEUMONIA"]
+        assert float(row["p_PNEUMONIA"]) == pytest.approx(expected, abs=1e-5)
+        assert float(row["p_PNEUMONIA"]) != pytest.approx(float(plain["p_PNEUMONIA"]), abs=1e-4)
+
+
 def test_predict_single_files(inputs, tiny_artifacts, tmp_path):
     out = tmp_path / "two.csv"
     files = [inputs / "PNEUMONIA" / "person1946_bacteria_4874.jpeg", inputs / "broken.jpg"]

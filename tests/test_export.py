@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import copy_model as _copy_model
+from conftest import real_test_data as _data_dir
 from conftest import write_manifest
 
 from chestxray.model.classifier import ONNX_FILE, Classifier, ModelNotFound, choose_backend
@@ -20,26 +22,9 @@ from chestxray.serving import create_app
 CLASSES = ["NORMAL", "PNEUMONIA"]
 
 
-def _copy_model(src: Path, dest: Path) -> Path:
-    """training/ + evaluation/ of an artifacts folder, copied (the session's tiny_artifacts stay untouched)."""
-    for part in ("training", "evaluation"):
-        shutil.copytree(src / part, dest / part)
-    return dest
-
-
-def _data_dir(root: Path, kermany224: Path, per_class: int = 6) -> Path:
-    """A data folder whose manifest lists real test images (absolute paths) as the test split."""
-    return write_manifest(root / "data", [{"path": str(p), "label": c, "split": "test"} for c in CLASSES
-                                          for p in sorted((kermany224 / "test" / c).glob("*.jpeg"))[:per_class]])
-
-
 @pytest.fixture(scope="module")
-def exported(tiny_artifacts, kermany224, tmp_path_factory) -> Path:
-    """An artifacts folder with the tiny model exported to export/model.onnx by the stage's own function."""
-    root = _copy_model(tiny_artifacts, tmp_path_factory.mktemp("exported"))
-    paths = export_stage.split_paths(_data_dir(root, kermany224))
-    export_stage.convert_and_check(root / "training", paths, root / "export", TOLERANCE)
-    return root
+def exported(tiny_exported) -> Path:
+    return tiny_exported
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,8 @@ def test_upload_two_xrays_and_a_bad_file(browser, app, fullsize_dir, tmp_path):
         page.goto(url + "/")
         assert "not a diagnosis" in page.locator("#disclaimer").inner_text()
         assert page.locator("#disclaimer").is_visible()
+        link = page.locator("#model-card-link")
+        assert link.is_visible() and link.get_attribute("href") == "/model/card?format=html"
 
         page.set_input_files("#files", [str(p) for p in xrays] + [str(bad)])
         wait_for_cards(page, 3)
@@ -100,6 +102,17 @@ def test_upload_two_xrays_and_a_bad_file(browser, app, fullsize_dir, tmp_path):
         assert width >= 1000 and height >= 800 and len(data) > 50_000
         # The only failed request is the bad file's (415); no script errors, no missing resources.
         assert len(console_errors) == 1 and "415" in console_errors[0], console_errors
+        page.close()
+
+
+def test_model_card_link_opens_the_card(browser, app):
+    with live_server(app) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.click("#model-card-link")
+        page.wait_for_url("**/model/card?format=html")
+        assert page.locator("#model-card h1").inner_text() == "Model card: tiny test model"
+        assert page.locator("#model-card table td").first.inner_text() == "train"
         page.close()
 
 

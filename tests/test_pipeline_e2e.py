@@ -53,6 +53,23 @@ def test_repro_writes_the_not_a_chest_xray_reference(project):
     assert len((repo / "artifacts/reference/non_xrays.csv").read_text().splitlines()) == summary["non_xrays"]["n"] + 1
 
 
+def test_repro_calibrates_on_validation_and_runs_robustness_and_model_card(project):
+    repo, _, _, _ = project
+    thresholds = json.loads((repo / "artifacts/evaluation/thresholds.json").read_text())
+    assert 0.05 <= thresholds["temperature"] <= 20 and thresholds["tta"] is False
+    assert thresholds["low_confidence_rule"]["target_accuracy"] == 0.9
+    metrics = json.loads((repo / "artifacts/evaluation/metrics.json").read_text())
+    assert metrics["temperature"] == thresholds["temperature"]
+    assert 0.0 <= metrics["ece_uncalibrated"] <= 1.0 and 0.0 <= metrics["val"]["ece_uncalibrated"] <= 1.0
+    assert metrics["low_confidence"]["threshold"] == thresholds["low_confidence"]
+    robustness = json.loads((repo / "artifacts/robustness/metrics.json").read_text())
+    assert robustness["n_images"] == 24 and robustness["backend"] == "onnx"
+    assert len(robustness["variants"]) == 18 and "worst_accuracy_drop" in robustness
+    card = (repo / "artifacts/evaluation/model_card.md").read_text()
+    assert "mobilenetv2" in card and f"T = {thresholds['temperature']:.3f}" in card
+    assert f"**{robustness['worst_accuracy_drop']['drop']:.3f}**" in card
+
+
 def test_mlflow_run_and_registered_champion(project):
     repo, env, _, _ = project
     import mlflow
@@ -70,6 +87,8 @@ def test_mlflow_run_and_registered_champion(project):
     assert "figures/roc.png" in artifacts
     exported = {a.path for a in client.list_artifacts(run_id, "export")}
     assert {"export/model.onnx", "export/check.json"} <= exported
+    assert "robustness.worst_accuracy_drop" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run_id, "evaluation")} >= {"evaluation/model_card.md"}
     assert run.data.metrics["export.max_abs_diff"] <= 1e-4
     assert {"reference/ood.json", "reference/reference.npz"} <= {
         a.path for a in client.list_artifacts(run_id, "reference")}
@@ -84,7 +103,10 @@ def test_second_repro_does_nothing_and_train_param_reruns_only_what_depends_on_t
     assert "Running stage" not in again.stdout, again.stdout
     changed = run_ok(["dvc", "exp", "run", "-S", "train.head_lr=0.002"], repo, env)
     ran = {line.split("'")[1] for line in changed.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate", "reference", "export"}, changed.stdout
+    assert ran == {"train", "evaluate", "reference", "export", "robustness", "model_card"}, changed.stdout
+    robustness_only = run_ok(["dvc", "exp", "run", "-S", "robustness.seed=7"], repo, env)
+    ran = {line.split("'")[1] for line in robustness_only.stdout.splitlines() if line.startswith("Running stage")}
+    assert "robustness" in ran and ran <= {"robustness", "model_card"}, robustness_only.stdout  # card: if it changed
 
 
 def test_registered_model_loads_from_registry(project):
@@ -97,5 +119,7 @@ def test_registered_model_loads_from_registry(project):
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     clf = Classifier.from_registry("chestxray", "champion")
     assert clf.classes == list(CLASSES) and clf.version.startswith("chestxray/")
+    assert clf.card_path is not None and "# Model card" in clf.card_path.read_text()  # from the run's artifacts
+    assert clf.temperature != 1.0  # thresholds.json travels with the registered model
     probs = clf.probabilities(np.full((1, 96, 96, 3), 128, np.float32))
     assert probs.shape == (1, 2) and abs(float(probs.sum()) - 1.0) < 1e-4

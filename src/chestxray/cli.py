@@ -64,7 +64,7 @@ def predict_command(args: argparse.Namespace) -> int:
         print(f"chestxray: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return 1
     try:
-        clf = Classifier.from_artifacts(args.artifacts, backend=args.backend)
+        clf = Classifier.from_artifacts(args.artifacts, backend=args.backend, tta=args.tta)
     except (ModelNotFound, ValueError, RuntimeError) as exc:  # no model, bad backend, unloadable model.onnx
         print(f"chestxray: {exc}", file=sys.stderr)
         return 1
@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PIPELINE_STAGES = ("ingest", "prepare_base_model", "train", "evaluate", "reference", "export")
+PIPELINE_STAGES = ("ingest", "prepare_base_model", "train", "evaluate", "reference", "export", "robustness",
+                   "model_card")
 
 
 def _add_stages(sub) -> None:
@@ -162,6 +163,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="auto: ONNX Runtime if artifacts/export/model.onnx is there, else Keras "
                         "(default: $CHESTXRAY_BACKEND, else auto)")
+    p.add_argument("--tta", action="store_true",
+                   help="average each prediction over test-time augmentation views (flip, shifts; 4x slower)")
     p.set_defaults(handler=predict_command)
 
 

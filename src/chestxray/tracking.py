@@ -143,4 +143,17 @@ def download_registered_model(name: str, alias: str = CHAMPION) -> tuple[Path, s
     for extra in (local / "extra_files").glob("*.json"):
         target = model_dir if extra.name == "model_info.json" else eval_dir
         extra.rename(target / extra.name)
+    _download_model_card(version.run_id, eval_dir)
     return local, f"{name}/{version.version}"
+
+
+def _download_model_card(run_id: str, eval_dir: Path) -> None:
+    """The model card, which the model_card stage logs to the run after registration; absent cards are fine."""
+    from chestxray.model.classifier import MODEL_CARD_FILE
+
+    try:
+        card = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"evaluation/{MODEL_CARD_FILE}",
+                                                   dst_path=str(eval_dir / "run"))
+    except Exception:  # no card logged (a run from before the stage existed): the model still loads
+        return
+    Path(card).rename(eval_dir / MODEL_CARD_FILE)

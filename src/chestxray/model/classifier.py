@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from chestxray.data.preprocess import decode_image, prepare_image
+from chestxray.evaluation.calibration import apply_temperature
 from chestxray.model.decision import decide
 from chestxray.model.ood import ACCEPT, REFUSE, OodDetector, OodReferenceError
 from chestxray.model.ood import WARNING as OOD_WARNING
+from chestxray.model.tta import tta_views
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ MODEL_FILE = "model.keras"
 INFO_FILE = "model_info.json"
 THRESHOLDS_FILE = "thresholds.json"
 METRICS_FILE = "metrics.json"
+MODEL_CARD_FILE = "model_card.md"
 # The export stage's output, inside <artifacts>/export/.
 EXPORT_DIR = "export"
 ONNX_FILE = "model.onnx"
@@ -134,17 +137,19 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray | None]], n_classes: int) -
 
 
 class Classifier:
-    """A Keras model with its classes, input size, decision threshold and low-confidence threshold.
+    """A Keras model with its classes, input size, temperature, decision and low-confidence thresholds.
 
     Probabilities come from `onnx_runner` (ONNX Runtime) when one is given, else from the Keras model;
     `backend` says which. `model` is always the Keras model (Grad-CAM needs it). `ood` (an
     OodDetector) turns on the "not a chest X-ray" check; `ood_off_reason` says why it is off;
-    `reference_dir` is the folder it came from (it also holds the drift reference).
+    `reference_dir` is the folder it came from (it also holds the drift reference). Served
+    probabilities are averaged over test-time augmentation views when `tta` is on, then divided by
+    the temperature fitted on validation (thresholds.json); `outputs` gives the network's own output.
     """
 
     def __init__(self, model, info: dict, thresholds: dict | None = None, metrics: dict | None = None,
                  version: str = "unknown", onnx_runner=None, ood=None, ood_off_reason: str | None = None,
-                 reference_dir: str | Path | None = None):
+                 reference_dir: str | Path | None = None, tta: bool = False, card_path: Path | None = None):
         self.model = model
         self.onnx_runner = onnx_runner
         self.backend = "onnx" if onnx_runner is not None else "keras"
@@ -155,8 +160,15 @@ class Classifier:
         thresholds = thresholds or {}
         self.decision_threshold: float = float(thresholds.get("decision_threshold", 0.5))
         self.low_confidence_threshold: float = float(thresholds.get("low_confidence", 0.0))
+        self.temperature: float = float(thresholds.get("temperature", 1.0))
+        self.thresholds = thresholds
+        self.tta = bool(tta)
+        if "tta" in thresholds and bool(thresholds["tta"]) != self.tta:
+            log.warning("thresholds and temperature were chosen %s test-time augmentation but it is %s now",
+                        "with" if thresholds["tta"] else "without", "on" if self.tta else "off")
         self.metrics = metrics or {}
         self.version = version
+        self.card_path = card_path if card_path is not None and Path(card_path).is_file() else None
         # Graph mode: several times faster than eager calls for one image, traced once per batch shape.
         import tensorflow as tf
 
@@ -181,12 +193,14 @@ class Classifier:
     @classmethod
     def from_dirs(cls, model_dir: str | Path, evaluation_dir: str | Path | None = None,
                   version: str | None = None, onnx_path: str | Path | None = None,
-                  backend: str | None = None, reference_dir: str | Path | None = None) -> "Classifier":
-        """Load model.keras + model_info.json from `model_dir`, thresholds and metrics from `evaluation_dir`.
+                  backend: str | None = None, reference_dir: str | Path | None = None,
+                  tta: bool = False) -> "Classifier":
+        """Load model.keras + model_info.json from `model_dir`, thresholds, metrics, card from `evaluation_dir`.
 
         `backend` (auto | onnx | keras; None reads $CHESTXRAY_BACKEND, default auto) decides whether
         the exported `onnx_path` computes the probabilities; see `choose_backend`. `reference_dir`
-        holds the "not a chest X-ray" reference (the check is off without one).
+        holds the "not a chest X-ray" reference (the check is off without one). `tta` averages
+        every prediction over test-time augmentation views (4x the compute).
         """
         import keras
 
@@ -200,9 +214,10 @@ class Classifier:
             raise ModelNotFound(f"the training output in {model_dir} is incomplete (no {INFO_FILE}: the train stage "
                                 "did not finish) -- run `dvc repro` (or `python main.py`) again")
         info = json.loads((model_dir / INFO_FILE).read_text())
-        thresholds = metrics = None
+        thresholds = metrics = card = None
         if evaluation_dir is not None:
             evaluation_dir = Path(evaluation_dir)
+            card = evaluation_dir / MODEL_CARD_FILE
             if (evaluation_dir / THRESHOLDS_FILE).is_file():
                 thresholds = json.loads((evaluation_dir / THRESHOLDS_FILE).read_text())
             if (evaluation_dir / METRICS_FILE).is_file():
@@ -218,17 +233,19 @@ class Classifier:
         model = keras.saving.load_model(model_path, compile=False)
         ood, off_reason = _load_reference(reference_dir, sha256)
         return cls(model, info, thresholds, metrics, version, onnx_runner=runner, ood=ood, ood_off_reason=off_reason,
-                   reference_dir=reference_dir)
+                   reference_dir=reference_dir, tta=tta, card_path=card)
 
     @classmethod
-    def from_artifacts(cls, root: str | Path = "artifacts", backend: str | None = None) -> "Classifier":
+    def from_artifacts(cls, root: str | Path = "artifacts", backend: str | None = None,
+                       tta: bool = False) -> "Classifier":
         """Load what the pipeline wrote under `root` (training/, evaluation/, export/model.onnx and reference/)."""
         root = Path(root)
         return cls.from_dirs(root / "training", root / "evaluation", onnx_path=root / EXPORT_DIR / ONNX_FILE,
-                             backend=backend, reference_dir=root / REFERENCE_DIR)
+                             backend=backend, reference_dir=root / REFERENCE_DIR, tta=tta)
 
     @classmethod
-    def from_registry(cls, name: str, alias: str = "champion", backend: str | None = None) -> "Classifier":
+    def from_registry(cls, name: str, alias: str = "champion", backend: str | None = None,
+                      tta: bool = False) -> "Classifier":
         """Load the registered model version that carries `alias` (MLFLOW_TRACKING_URI picks the store).
 
         The registry holds the Keras model only, so `backend` auto means Keras here, and the
@@ -237,7 +254,8 @@ class Classifier:
         from chestxray.tracking import download_registered_model
 
         local_dir, version = download_registered_model(name, alias)
-        return cls.from_dirs(local_dir / "model", local_dir / "evaluation", version=version, backend=backend)
+        return cls.from_dirs(local_dir / "model", local_dir / "evaluation", version=version, backend=backend,
+                             tta=tta)
 
     def _run(self, batch) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities and pooled features (None if unavailable) for one batch of prepared inputs."""
@@ -246,19 +264,39 @@ class Classifier:
         probabilities, features = self._forward(batch)
         return probabilities.numpy(), None if features is None else features.numpy()
 
+    def _served(self, batch, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Served probabilities for one batch (TTA-averaged if on, then temperature-scaled) and its features.
+
+        The features (for the "not a chest X-ray" check) are always those of the image as uploaded.
+        """
+        tta = self.tta if tta is None else tta
+        batch = np.asarray(batch, np.float32)
+        probs, features = self._run(batch)
+        if tta:
+            probs = np.mean([probs] + [self._run(np.ascontiguousarray(v))[0] for v in tta_views(batch)[1:]], axis=0)
+        return apply_temperature(probs, self.temperature), features
+
     def outputs(self, batch: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities (N, C) and pooled features (N, D) or None, for prepared inputs (N, size, size, 3)."""
+        """The network's own probabilities (N, C) and pooled features (N, D) or None: no augmentation, no
+        temperature (what the ONNX export is checked on), for prepared inputs (N, size, size, 3)."""
         batch = np.asarray(batch, dtype=np.float32)
         return _concat([self._run(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)],
                        len(self.classes))
 
-    def probabilities(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Class probabilities (N, C) for prepared inputs (N, size, size, 3)."""
-        return self.outputs(batch, batch_size)[0]
+    def served_outputs(self, batch: np.ndarray, batch_size: int = 32,
+                       tta: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Served probabilities (N, C) and features for prepared inputs; `tta` overrides self.tta."""
+        batch = np.asarray(batch, dtype=np.float32)
+        return _concat([self._served(batch[i : i + batch_size], tta) for i in range(0, len(batch), batch_size)],
+                       len(self.classes))
+
+    def probabilities(self, batch: np.ndarray, batch_size: int = 32, tta: bool | None = None) -> np.ndarray:
+        """Served class probabilities (N, C) for prepared inputs (N, size, size, 3); `tta` overrides self.tta."""
+        return self.served_outputs(batch, batch_size, tta)[0]
 
     def outputs_for_files(self, paths: list[str], batch_size: int = 32,
                           on_batch=None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities and features for image files, streamed in batches through the shared preprocessing.
+        """Served probabilities and features for image files, streamed in batches through the shared preprocessing.
 
         `on_batch(inputs)` sees each batch of prepared inputs (e.g. to compute input statistics).
         """
@@ -268,16 +306,16 @@ class Classifier:
         for batch in image_dataset(paths, self.image_size, batch_size):
             if on_batch is not None:
                 on_batch(batch.numpy())
-            out.append(self._run(batch))
+            out.append(self._served(batch.numpy()))
         return _concat(out, len(self.classes))
 
     def probabilities_for_files(self, paths: list[str], batch_size: int = 32) -> np.ndarray:
-        """Class probabilities (N, C) for image files, streamed in batches through the shared preprocessing."""
+        """Served class probabilities (N, C) for image files, streamed through the shared preprocessing."""
         return self.outputs_for_files(paths, batch_size)[0]
 
     def predict_arrays(self, batch: np.ndarray) -> list[Prediction]:
         """Predictions for prepared inputs (N, size, size, 3), with `ood_distance` when the check is on."""
-        probs, features = self.outputs(batch)
+        probs, features = self.served_outputs(batch)
         return self.predictions(probs, self.ood.distances(features) if self.ood is not None else None)
 
     def predictions(self, probs: np.ndarray, distances: np.ndarray | None = None) -> list[Prediction]:

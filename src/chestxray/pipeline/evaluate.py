@@ -1,7 +1,9 @@
-"""Stage 4, evaluate: choose the decision threshold on validation, score the untouched test split, register.
+"""Stage 4, evaluate: calibrate and choose thresholds on validation, score the untouched test split, register.
 
     python -m chestxray.pipeline.evaluate --data artifacts/data --model artifacts/training --out artifacts/evaluation
 
+On validation, in this order: the temperature (temperature scaling), then on the calibrated
+probabilities the app serves the decision threshold and the low-confidence threshold.
 Writes metrics.json (DVC metrics), thresholds.json (read by the app), predictions.csv, plot data
 under plots/ and figures under figures/; logs all of it and the model to the MLflow run that train
 opened, registers the model and moves the `champion` alias to it if it beats the champion on validation.
@@ -35,32 +37,28 @@ def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: P
     import pandas as pd
 
     from chestxray import tracking
-    from chestxray.evaluation.metrics import classification_metrics, choose_threshold
     from chestxray.evaluation.plots import roc_table, save_figures, write_plot_data
     from chestxray.model.classifier import INFO_FILE, METRICS_FILE, THRESHOLDS_FILE, Classifier
 
-    clf = Classifier.from_dirs(model_dir)
+    # No evaluation dir: temperature 1, i.e. the network's own probabilities (TTA-averaged if asked).
+    clf = Classifier.from_dirs(model_dir, tta=bool(params.get("tta", False)))
     classes, normal = clf.classes, clf.normal_class
     manifest = pd.read_csv(data_dir / "manifest.csv")
     rows = {s: manifest[manifest.split == s] for s in ("val", "test")}
     y = {s: np.array([classes.index(c) for c in r.label]) for s, r in rows.items()}
-    probs = {s: clf.probabilities_for_files([str(data_dir / p) for p in r.path]) for s, r in rows.items()}
+    raw = {s: clf.probabilities_for_files([str(data_dir / p) for p in r.path]) for s, r in rows.items()}
 
-    threshold = choose_threshold(y["val"], probs["val"], classes, normal)  # validation only, never test
-    val_metrics, _ = classification_metrics(y["val"], probs["val"], classes, normal, threshold, params["calibration_bins"])
-    metrics, tables = classification_metrics(y["test"], probs["test"], classes, normal, threshold,
-                                             params["calibration_bins"])
-    metrics["val"] = {k: val_metrics[k] for k in ("accuracy", "roc_auc", "ece")}
-    metrics["n_test"] = int(len(y["test"]))
+    thresholds, probs = fit_on_validation(params, y, raw, classes, normal)
+    metrics, tables = score(params, y, raw, probs, classes, normal, thresholds)
+    threshold = thresholds["decision_threshold"]
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / METRICS_FILE, metrics)
-    thresholds = {"decision_threshold": threshold, "low_confidence": params["low_confidence"],
-                  "chosen_on": "validation", "rule": "abnormal when 1 - P(normal) >= decision_threshold"}
     write_json(out / THRESHOLDS_FILE, thresholds)
     predictions = pd.DataFrame({"path": rows["test"].path.values, "label": rows["test"].label.values,
                                 "predicted": [classes[k] for k in tables["predicted"]],
-                                **{f"p_{c}": probs["test"][:, k] for k, c in enumerate(classes)}})
+                                **{f"p_{c}": probs["test"][:, k] for k, c in enumerate(classes)},
+                                "low_confidence": tables["low_confidence"]})
     with atomic_path(out / "predictions.csv") as temp:
         predictions.to_csv(temp, index=False)
     roc = roc_table(y["test"], probs["test"], classes, normal)
@@ -69,21 +67,76 @@ def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: P
                            metrics["roc_auc"])
     print(f"test: accuracy {metrics['accuracy']:.4f}, ROC AUC {metrics['roc_auc']:.4f}, "
           f"sensitivity {metrics.get('sensitivity', float('nan')):.4f}, specificity "
-          f"{metrics.get('specificity', float('nan')):.4f}, ECE {metrics['ece']:.4f} (threshold {threshold:.3f} from val)")
+          f"{metrics.get('specificity', float('nan')):.4f}, ECE {metrics['ece']:.4f} "
+          f"(uncalibrated {metrics['ece_uncalibrated']:.4f}; temperature {thresholds['temperature']:.3f} and "
+          f"threshold {threshold:.3f} from val); low confidence below {thresholds['low_confidence']:.3f}: "
+          f"{metrics['low_confidence']['flagged_share']:.1%} of test flagged")
 
     with tracking.resume_run(config, model_dir / "mlflow_run.json"):
         flat = {k: v for k, v in tracking.flatten(metrics).items() if isinstance(v, (int, float)) and np.isfinite(v)}
-        mlflow.log_metrics({f"test.{k}" if not k.startswith("val.") else k: v for k, v in flat.items()})
+        mlflow.log_metrics({k if k.startswith("val.") or k == "temperature" else f"test.{k}": v
+                            for k, v in flat.items()})
         mlflow.log_params(tracking.flatten({"evaluate": params}))
         for figure in figures:
             mlflow.log_artifact(str(figure), "figures")
         mlflow.log_artifact(str(out / "predictions.csv"), "evaluation")
         example = clf.prepare((data_dir / rows["test"].path.iloc[0]).read_bytes())[None]
         name = config["mlflow"]["registered_model"]
-        version = tracking.log_model(clf.model, example, clf.probabilities(example),
+        # The registered Keras model outputs raw probabilities; the temperature travels in thresholds.json.
+        version = tracking.log_model(clf.model, example, clf.raw_probabilities(example),
                                      [model_dir / INFO_FILE, out / THRESHOLDS_FILE, out / METRICS_FILE], name)
         promoted = tracking.promote_if_better(name, version, "val_roc_auc", metrics["val"]["roc_auc"])
     print(f"registered {name} version {version}" + (" as champion" if promoted else " (champion unchanged)"))
+
+
+def fit_on_validation(params: dict, y: dict, raw: dict, classes: list[str],
+                      normal: str | None) -> tuple[dict, dict]:
+    """(thresholds.json content, served probabilities per split): temperature, then decision and
+    low-confidence thresholds, each chosen on validation only, on the probabilities the app serves."""
+    from chestxray.evaluation.calibration import (apply_temperature, choose_low_confidence, fit_temperature,
+                                                  served_confidence)
+    from chestxray.evaluation.metrics import choose_threshold
+    from chestxray.model.decision import decide
+
+    temperature = fit_temperature(y["val"], raw["val"])
+    probs = {s: apply_temperature(p, temperature) for s, p in raw.items()}
+    threshold = choose_threshold(y["val"], probs["val"], classes, normal)  # after calibration, as served
+    predicted = decide(probs["val"], classes, normal, threshold)
+    low = choose_low_confidence(served_confidence(probs["val"], predicted), predicted == y["val"],
+                                params["low_confidence_target_accuracy"])
+    thresholds = {"decision_threshold": threshold, "low_confidence": low.pop("threshold"),
+                  "temperature": temperature, "tta": bool(params.get("tta", False)), "chosen_on": "validation",
+                  "rule": "abnormal when 1 - P(normal) >= decision_threshold; P = softmax(log p / temperature)",
+                  "low_confidence_rule": low}
+    return thresholds, probs
+
+
+def score(params: dict, y: dict, raw: dict, probs: dict, classes: list[str], normal: str | None,
+          thresholds: dict) -> tuple[dict, dict]:
+    """(metrics.json content, tables for plots) on test, with validation scores and ECE before calibration."""
+    import numpy as np
+
+    from chestxray.evaluation.calibration import served_confidence
+    from chestxray.evaluation.metrics import classification_metrics, expected_calibration_error
+
+    bins, threshold = params["calibration_bins"], thresholds["decision_threshold"]
+    val_metrics, _ = classification_metrics(y["val"], probs["val"], classes, normal, threshold, bins)
+    metrics, tables = classification_metrics(y["test"], probs["test"], classes, normal, threshold, bins)
+    metrics["ece_uncalibrated"] = expected_calibration_error(y["test"], raw["test"], bins)[0]
+    metrics["temperature"] = thresholds["temperature"]
+    metrics["val"] = {k: val_metrics[k] for k in ("accuracy", "roc_auc", "ece")}
+    metrics["val"]["ece_uncalibrated"] = expected_calibration_error(y["val"], raw["val"], bins)[0]
+    confidence = served_confidence(probs["test"], tables["predicted"])
+    flagged = confidence < thresholds["low_confidence"]
+    correct = tables["predicted"] == y["test"]
+    metrics["low_confidence"] = {
+        "threshold": thresholds["low_confidence"], "flagged_share": float(flagged.mean()),
+        "accuracy_flagged": float(correct[flagged].mean()) if flagged.any() else None,
+        "accuracy_not_flagged": float(correct[~flagged].mean()) if (~flagged).any() else None,
+        "val_flagged_share": thresholds["low_confidence_rule"]["flagged_share"]}
+    metrics["n_test"] = int(len(y["test"]))
+    tables["low_confidence"] = flagged
+    return metrics, tables
 
 
 if __name__ == "__main__":

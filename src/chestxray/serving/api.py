@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, render_template, request, url_for
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from chestxray.data.preprocess import prepare_image
@@ -77,7 +77,7 @@ def health():
 @bp.get("/model/info")
 @requires_role()
 def model_info():
-    """What the loaded model is: classes, input size, backbone, training date, test metrics, thresholds."""
+    """What the loaded model is: classes, input size, backbone, training date, test metrics, calibration, card."""
     clf = _classifier()
     return jsonify(
         model_version=clf.version,
@@ -88,10 +88,35 @@ def model_info():
         backbone=clf.info.get("backbone"),
         trained_at=clf.info.get("trained_at"),
         test_metrics=clf.metrics,
-        thresholds={"decision_threshold": clf.decision_threshold, "low_confidence": clf.low_confidence_threshold},
+        thresholds={"decision_threshold": clf.decision_threshold, "low_confidence": clf.low_confidence_threshold,
+                    "temperature": clf.temperature},
+        low_confidence_rule=clf.thresholds.get("low_confidence_rule"),
+        tta=clf.tta,
+        model_card=url_for("api.model_card") if clf.card_path is not None else None,
         not_a_chest_xray_check=clf.ood_info(),
         limits=_limits(),
     )
+
+
+@bp.get("/model/card")
+def model_card():
+    """The model card: Markdown, or a simple HTML page for browsers (Accept: text/html, or ?format=html)."""
+    clf = _classifier()
+    if clf.card_path is None:
+        raise ApiError(404, "no_model_card", "this model has no model card -- run the pipeline's model_card stage "
+                                             "(`dvc repro model_card`)")
+    text = clf.card_path.read_text()
+    wanted = request.args.get("format") or (
+        "html" if request.accept_mimetypes.best_match(["text/markdown", "text/html"]) == "text/html" else "md")
+    if wanted == "html":
+        from markdown_it import MarkdownIt
+
+        # Raw HTML in the Markdown stays text: the card is rendered, never trusted as markup.
+        body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+        return render_template("model_card.html", card_html=body, model_version=clf.version)
+    if wanted != "md":
+        raise ApiError(400, "bad_format", f"format={wanted!r}: use md or html")
+    return Response(text, mimetype="text/markdown")
 
 
 def _limits() -> dict[str, Any]:
@@ -303,6 +328,16 @@ def openapi_document() -> dict:
             "/model/info": {"get": _protected({"summary": "The loaded model", "responses": {
                 "200": _json("ModelInfo", "classes, input size, backbone, training date, metrics, thresholds"),
                 "503": _error_response("no model loaded")}})},
+            "/model/card": {"get": {
+                "summary": "The model card (data, intended use, metrics, calibration, robustness, limitations)",
+                "parameters": [{"name": "format", "in": "query", "required": False,
+                                "schema": {"type": "string", "enum": ["md", "html"]},
+                                "description": "default: html when the client accepts text/html first, else md"}],
+                "responses": {"200": {"description": "the card", "content": {
+                    "text/markdown": {"schema": {"type": "string"}}, "text/html": {"schema": {"type": "string"}}}},
+                    "400": _error_response("unknown format"),
+                    "404": _error_response("no model card for this model"),
+                    "503": _error_response("no model loaded")}}},
             "/predict": {"post": _protected({
                 "summary": "Classify one image (JPEG, PNG or DICOM)", "requestBody": _upload_body("file", many=False),
                 "responses": {"200": _json("Prediction", "the prediction"), **_UPLOAD_ERRORS}})},
@@ -344,7 +379,12 @@ def openapi_document() -> dict:
                 "input_size": {"type": "array", "items": {"type": "integer"}},
                 "backbone": {"type": "string"}, "trained_at": {"type": "string"},
                 "test_metrics": {"type": "object"}, "thresholds": {"type": "object", "properties": {
-                    "decision_threshold": number, "low_confidence": number}},
+                    "decision_threshold": number, "low_confidence": number,
+                    "temperature": {**number, "description": "served P = softmax(log p / temperature)"}}},
+                "low_confidence_rule": {"type": "object", "nullable": True,
+                                        "description": "how the low-confidence threshold was chosen on validation"},
+                "tta": {"type": "boolean", "description": "predictions averaged over test-time augmentation"},
+                "model_card": {"type": "string", "nullable": True, "description": "path of the model card"},
                 "not_a_chest_xray_check": {"type": "object", "properties": {
                     "enabled": {"type": "boolean"}, "reason": {"type": "string", "description": "why it is off"},
                     "warn_distance": number, "refuse_distance": number}},

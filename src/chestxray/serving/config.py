@@ -8,11 +8,25 @@ from typing import Any
 MIN_SIDE = 128
 MAX_SIDE = 4096
 
+
+def boolean(value: object) -> bool:
+    """A yes/no setting: true/false, 1/0, yes/no, on/off (any case)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean")
+
+
 # name -> (type, default). Keys are the environment variable names and the Flask config keys.
 SETTINGS: dict[str, tuple[type, Any]] = {
     "CHESTXRAY_ARTIFACTS": (str, "artifacts"),
     "CHESTXRAY_MODEL_URI": (str, ""),
     "CHESTXRAY_BACKEND": (str, "auto"),  # auto | onnx | keras (see chestxray.model.classifier.choose_backend)
+    "CHESTXRAY_TTA": (boolean, False),  # test-time augmentation: average over flip and shifts (4x the compute)
     "CHESTXRAY_MAX_BATCH": (int, 10),
     "CHESTXRAY_MAX_UPLOAD_MB": (float, 10.0),
     "CHESTXRAY_DRIFT_MIN_COUNT": (int, 200),  # images scored before /monitoring compares them with the reference

@@ -38,10 +38,11 @@ def load_classifier(settings: dict[str, Any]) -> ModelState:
     try:
         if settings["CHESTXRAY_MODEL_URI"]:
             name, alias = parse_model_uri(settings["CHESTXRAY_MODEL_URI"])
-            classifier = Classifier.from_registry(name, alias, backend=settings["CHESTXRAY_BACKEND"])
+            classifier = Classifier.from_registry(name, alias, backend=settings["CHESTXRAY_BACKEND"],
+                                                  tta=settings["CHESTXRAY_TTA"])
         else:
-            classifier = Classifier.from_artifacts(settings["CHESTXRAY_ARTIFACTS"],
-                                                   backend=settings["CHESTXRAY_BACKEND"])
+            classifier = Classifier.from_artifacts(settings["CHESTXRAY_ARTIFACTS"], backend=settings["CHESTXRAY_BACKEND"],
+                                                   tta=settings["CHESTXRAY_TTA"])
     except ModelNotFound as exc:
         return ModelState(error=str(exc))
     except Exception as exc:  # a broken file, a registry down: the app must still start and say so

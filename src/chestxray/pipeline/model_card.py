@@ -1,0 +1,78 @@
+"""Stage 7, model_card: write artifacts/evaluation/model_card.md from what the earlier stages measured.
+
+    python -m chestxray.pipeline.model_card --data artifacts/data --model artifacts/training \\
+        --evaluation artifacts/evaluation --robustness artifacts/robustness --reference artifacts/reference
+
+A stage of its own because the card holds evaluate's *and* robustness' results and a DVC output
+belongs to one stage. The app serves the card at /model/card; it is also logged to the MLflow run
+that train opened (`evaluation/model_card.md`), where a model loaded from the registry finds it.
+reference/ood.json (the out-of-distribution check's figures) is included when it exists.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from chestxray.pipeline.common import run_stage
+from chestxray.settings import load_config
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="config/config.yaml")
+    parser.add_argument("--data", default="artifacts/data")
+    parser.add_argument("--model", default="artifacts/training")
+    parser.add_argument("--evaluation", default="artifacts/evaluation")
+    parser.add_argument("--robustness", default="artifacts/robustness")
+    parser.add_argument("--reference", default="artifacts/reference")
+    args = parser.parse_args(argv)
+    run_stage(lambda: model_card(load_config(args.config), Path(args.data), Path(args.model), Path(args.evaluation),
+                                 Path(args.robustness), Path(args.reference)))
+
+
+def _json(path: Path, required: bool = True) -> dict | None:
+    if path.is_file():
+        return json.loads(path.read_text())
+    if required:
+        raise FileNotFoundError(f"{path} not found -- run the stage that writes it first (`dvc repro`)")
+    return None
+
+
+def write_model_card(data_dir: Path, model_dir: Path, evaluation_dir: Path, robustness_dir: Path,
+                     reference_dir: Path) -> Path:
+    """Render the card from the stages' files into evaluation_dir/model_card.md; returns its path."""
+    import pandas as pd
+
+    from chestxray.evaluation.model_card import render_model_card
+    from chestxray.model.classifier import INFO_FILE, METRICS_FILE, MODEL_CARD_FILE, MODEL_FILE, THRESHOLDS_FILE
+    from chestxray.model.classifier import file_sha256
+
+    table_csv = robustness_dir / "table.csv"
+    table = pd.read_csv(table_csv).to_dict("records") if table_csv.is_file() else None
+    card = render_model_card(
+        info=_json(model_dir / INFO_FILE), version="sha256:" + file_sha256(model_dir / MODEL_FILE)[:12],
+        report=_json(data_dir / "report.json"), metrics=_json(evaluation_dir / METRICS_FILE),
+        thresholds=_json(evaluation_dir / THRESHOLDS_FILE),
+        robustness=_json(robustness_dir / "metrics.json", required=False), robustness_table=table,
+        ood=_json(reference_dir / "ood.json", required=False))
+    path = evaluation_dir / MODEL_CARD_FILE
+    path.write_text(card)
+    return path
+
+
+def model_card(config: dict, data_dir: Path, model_dir: Path, evaluation_dir: Path, robustness_dir: Path,
+               reference_dir: Path) -> None:
+    """Write the card and log it to the pipeline's MLflow run."""
+    import mlflow
+
+    from chestxray import tracking
+
+    path = write_model_card(data_dir, model_dir, evaluation_dir, robustness_dir, reference_dir)
+    print(f"model card -> {path}")
+    with tracking.resume_run(config, model_dir / "mlflow_run.json"):
+        mlflow.log_artifact(str(path), "evaluation")
+
+
+if __name__ == "__main__":
+    main()

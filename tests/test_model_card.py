@@ -1,0 +1,142 @@
+"""The model card: what it says, the stage that writes it, and the app serving it."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from chestxray.evaluation.model_card import render_model_card
+from chestxray.pipeline.model_card import write_model_card
+from chestxray.serving import create_app
+from conftest import copy_model
+
+INFO = {"classes": ["NORMAL", "PNEUMONIA"], "normal_class": "NORMAL", "image_size": 224, "backbone": "xception",
+        "truncate_before": "block11_sepconv1_act", "fine_tune_from": "block9_sepconv1_act",
+        "trained_at": "2026-01-01T00:00:00+00:00", "dataset_sha256": "064659ad5189c59f", "mlflow_run_id": "abc"}
+REPORT = {"classes": ["NORMAL", "PNEUMONIA"], "rejected": [], "source": "../shared/data/kermany224",
+          "counts": {"train": {"NORMAL": 1122, "PNEUMONIA": 3055}, "val": {"NORMAL": 124, "PNEUMONIA": 342},
+                     "test": {"NORMAL": 234, "PNEUMONIA": 390}},
+          "patient_overlap": {"policy": "drop", "patients": 264, "images_dropped": 551}}
+METRICS = {"accuracy": 0.912, "roc_auc": 0.969, "sensitivity": 0.977, "specificity": 0.803, "f1_macro": 0.9,
+           "ece": 0.041, "ece_uncalibrated": 0.091, "temperature": 1.7, "n_test": 624,
+           "val": {"accuracy": 0.99, "roc_auc": 0.998, "ece": 0.01, "ece_uncalibrated": 0.02},
+           "low_confidence": {"flagged_share": 0.08, "accuracy_flagged": 0.6, "accuracy_not_flagged": 0.94}}
+THRESHOLDS = {"decision_threshold": 0.62, "low_confidence": 0.81, "temperature": 1.7, "tta": False,
+              "low_confidence_rule": {"target_accuracy": 0.9, "flagged_share": 0.03,
+                                      "case": "threshold between the last confidence under the target and ..."}}
+ROBUSTNESS = {"n_images": 200, "n_test": 624, "backend": "onnx",
+              "worst_accuracy_drop": {"variant": "clahe_s2", "drop": 0.085, "ci95": [0.04, 0.13]},
+              "worst_roc_auc_drop": {"variant": "gaussian_noise_s2", "drop": 0.031}}
+TABLE = [{"variant": "clean", "setting": "as acquired", "severity": 0, "accuracy": 0.9, "roc_auc": 0.97, "ece": 0.05,
+          "sensitivity": 0.99, "specificity": 0.8, "accuracy_drop": float("nan")},
+         {"variant": "clahe_s2", "setting": "4", "severity": 2, "accuracy": 0.815, "roc_auc": 0.95, "ece": 0.1,
+          "sensitivity": 0.98, "specificity": 0.6, "accuracy_drop": 0.085}]
+
+
+def test_card_holds_data_use_metrics_calibration_robustness_and_limits():
+    card = render_model_card(INFO, "sha256:0123456789ab", REPORT, METRICS, THRESHOLDS, ROBUSTNESS, TABLE)
+    assert "not a diagnosis" in card.lower() and "## Intended use" in card and "## Limitations" in card
+    assert "`sha256:0123456789ab`" in card and "xception" in card and "224 x 224" in card
+    assert "| test | 234 | 390 | 624 |" in card and "| train | 1122 | 3055 | 4177 |" in card
+    assert "pediatric patients aged one to five" in card and "one pediatric data set" in card
+    assert "Test accuracy (0.912) is below validation accuracy (0.990)" in card
+    assert "| test | 624 | 0.912 | 0.969 | 0.977 | 0.803 |" in card
+    assert "T = 1.700" in card and "0.091 before, 0.041 after" in card
+    assert "Decision threshold on P(any disease): 0.620" in card
+    assert "Low-confidence threshold: 0.810" in card and "under 90.0%" in card and "8.0% of test" in card
+    assert "**0.085** (clahe_s2" in card and "| clahe_s2 | 4 | 0.815 | 0.950 | 0.100 | 0.980 | 0.600 | 0.085 |" in card
+    assert "| clean | as acquired | 0.900 | 0.970 | 0.050 | 0.990 | 0.800 |  |" in card
+    assert "out-of-distribution" not in card.lower()
+
+
+def test_card_without_robustness_says_so_and_includes_ood_figures_when_given():
+    ood = {"caught_share": 0.995, "refused_xray_share": 0.008, "threshold": {"distance": 12.5}, "n_images": 120}
+    other = {**REPORT, "source": "/data/hospital-b"}
+    card = render_model_card(INFO, "sha256:0", other, METRICS, THRESHOLDS, ood=ood)
+    assert "Kermany" not in card and "pediatric" not in card and "`/data/hospital-b`" in card
+    assert "## Robustness\n\nNot measured" in card
+    assert "## Not a chest X-ray (out-of-distribution check)" in card
+    assert "| caught_share | 0.9950 |" in card and "| threshold.distance | 12.5000 |" in card
+    assert "| n_images | 120 |" in card
+
+
+@pytest.fixture(scope="module")
+def carded(tiny_artifacts, tmp_path_factory):
+    """tiny_artifacts with pipeline-shaped report, metrics, thresholds, robustness and a card the stage wrote."""
+    root = copy_model(tiny_artifacts, tmp_path_factory.mktemp("carded"))
+    (root / "data").mkdir()
+    (root / "data" / "report.json").write_text(json.dumps(REPORT))
+    (root / "evaluation" / "metrics.json").write_text(json.dumps(METRICS))
+    (root / "evaluation" / "thresholds.json").write_text(json.dumps(THRESHOLDS))
+    (root / "robustness").mkdir()
+    (root / "robustness" / "metrics.json").write_text(json.dumps(ROBUSTNESS))
+    pd.DataFrame(TABLE).to_csv(root / "robustness" / "table.csv", index=False)
+    path = write_model_card(root / "data", root / "training", root / "evaluation", root / "robustness",
+                            root / "reference")
+    assert path == root / "evaluation" / "model_card.md"
+    return root
+
+
+def test_stage_writes_the_card_from_the_pipeline_files(carded):
+    card = (carded / "evaluation" / "model_card.md").read_text()
+    assert "mobilenetv2" in card  # the real model_info.json of the tiny model
+    assert "T = 1.700" in card and "**0.085** (clahe_s2" in card
+    assert "| clean | as acquired | 0.900 | 0.970 | 0.050 | 0.990 | 0.800 |  |" in card  # NaN drop of the clean row read back
+    assert "Not a chest X-ray" not in card
+
+
+def test_stage_fails_clearly_without_evaluate_outputs(tiny_artifacts, tmp_path):
+    root = copy_model(tiny_artifacts, tmp_path, ("training",))
+    (root / "data").mkdir()
+    (root / "data" / "report.json").write_text(json.dumps(REPORT))
+    with pytest.raises(FileNotFoundError, match="metrics.json not found"):
+        write_model_card(root / "data", root / "training", root / "evaluation", root / "robustness",
+                         root / "reference")
+
+
+@pytest.fixture(scope="module")
+def client(carded):
+    return create_app({"CHESTXRAY_ARTIFACTS": str(carded), "GEMINI_API_KEY": ""}).test_client()
+
+
+def test_card_served_as_markdown_and_as_html(client, carded):
+    markdown = client.get("/model/card")
+    assert markdown.status_code == 200 and markdown.mimetype == "text/markdown"
+    assert markdown.get_data(as_text=True) == (carded / "evaluation" / "model_card.md").read_text()
+    html = client.get("/model/card", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert html.status_code == 200 and html.mimetype == "text/html"
+    page = html.get_data(as_text=True)
+    assert "<h1>Model card: chestxray</h1>" in page and "<table>" in page and "<td>clahe_s2</td>" in page
+    assert client.get("/model/card?format=html").get_data(as_text=True) == page
+    assert client.get("/model/card?format=md", headers={"Accept": "text/html"}).mimetype == "text/markdown"
+
+
+def test_card_link_on_the_page_and_in_model_info(client):
+    info = client.get("/model/info").get_json()
+    assert info["model_card"] == "/model/card"
+    assert info["thresholds"]["temperature"] == 1.7
+    assert info["low_confidence_rule"]["target_accuracy"] == 0.9
+    assert 'id="model-card-link" href="/model/card?format=html"' in client.get("/").get_data(as_text=True)
+
+
+def test_raw_html_in_a_card_is_shown_as_text(tiny_artifacts):
+    client = create_app({"CHESTXRAY_ARTIFACTS": str(tiny_artifacts), "GEMINI_API_KEY": ""}).test_client()
+    page = client.get("/model/card?format=html").get_data(as_text=True)
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
+
+
+def test_no_card_is_a_json_404_and_no_link(tiny_artifacts, tmp_path):
+    root = copy_model(tiny_artifacts, tmp_path)
+    (root / "evaluation" / "model_card.md").unlink()
+    client = create_app({"CHESTXRAY_ARTIFACTS": str(root), "GEMINI_API_KEY": ""}).test_client()
+    response = client.get("/model/card")
+    assert response.status_code == 404
+    assert response.get_json()["error"] == "no_model_card" and "model_card stage" in response.get_json()["message"]
+    assert client.get("/model/info").get_json()["model_card"] is None
+    assert "model-card-link" not in client.get("/").get_data(as_text=True)
+
+
+def test_unknown_card_format_is_a_400(client):
+    response = client.get("/model/card?format=pdf")
+    assert response.status_code == 400 and response.get_json()["error"] == "bad_format"
