@@ -283,6 +283,10 @@ class Classifier:
         return _concat([self._run(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)],
                        len(self.classes))
 
+    def raw_probabilities(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """The network's own probabilities (N, C): no augmentation, no temperature."""
+        return self.outputs(batch, batch_size)[0]
+
     def served_outputs(self, batch: np.ndarray, batch_size: int = 32,
                        tta: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Served probabilities (N, C) and features for prepared inputs; `tta` overrides self.tta."""

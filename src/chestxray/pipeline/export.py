@@ -67,7 +67,11 @@ def convert_and_check(model_dir: Path, paths: list[str], out: Path, tolerance: f
     final.unlink(missing_ok=True)  # never leave an earlier export next to a new model
     with atomic_path(final) as partial:  # removed, not published, if the check fails
         # Both outputs: the app's "not a chest X-ray" check reads the features from the same run as the probabilities.
-        X.export_onnx(with_features(clf.model), partial, clf.image_size, {X.META_KERAS_SHA256: keras_sha})
+        try:
+            graph = with_features(clf.model)
+        except ValueError:  # a model not made by build_model has no features: probabilities only, the check off
+            graph = clf.model
+        X.export_onnx(graph, partial, clf.image_size, {X.META_KERAS_SHA256: keras_sha})
         runner = X.OnnxRunner.load(partial)
         # The same tf.data reader as training and evaluation; it keeps file order, so names line up with batches.
         batch = 32
