@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", default="artifacts/reference")
     args = parser.parse_args(argv)
     run_stage(lambda: model_card(load_config(args.config), Path(args.data), Path(args.model), Path(args.evaluation),
-                                 Path(args.robustness), Path(args.reference)))
+                                 Path(args.robustness), Path(args.reference)),
+              Path(args.evaluation))
 
 
 def _json(path: Path, required: bool = True) -> dict | None:

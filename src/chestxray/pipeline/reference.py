@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = None if args.no_mlflow else load_config(args.config)
     run_stage(lambda: reference(load_params(args.params, "reference"), config, Path(args.data), Path(args.model),
-                                Path(args.evaluation), Path(args.out)))
+                                Path(args.evaluation), Path(args.out)), Path(args.out))
 
 
 def subset(paths: list[str], labels: list[str], limit: int, seed: int) -> list[str]:

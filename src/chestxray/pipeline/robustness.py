@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     run_stage(lambda: robustness({**params["robustness"], "calibration_bins": params["evaluate"]["calibration_bins"]},
                                  load_config(args.config), Path(args.data), Path(args.model), Path(args.evaluation),
-                                 Path(args.export), Path(args.out)))
+                                 Path(args.export), Path(args.out)), Path(args.out))
 
 
 def subset(labels: np.ndarray, max_images: int, seed: int) -> np.ndarray:
