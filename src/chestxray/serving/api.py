@@ -106,8 +106,9 @@ def model_card():
         raise ApiError(404, "no_model_card", "this model has no model card -- run the pipeline's model_card stage "
                                              "(`dvc repro model_card`)")
     text = clf.card_path.read_text()
-    wanted = request.args.get("format") or (
-        "html" if request.accept_mimetypes.best_match(["text/markdown", "text/html"]) == "text/html" else "md")
+    wanted = request.args.get("format")  # absent: by the Accept header; present, it must be md or html
+    if wanted is None:
+        wanted = "html" if request.accept_mimetypes.best_match(["text/markdown", "text/html"]) == "text/html" else "md"
     if wanted == "html":
         from markdown_it import MarkdownIt
 
