@@ -31,8 +31,7 @@ def test_schemathesis_finds_no_failures(gunicorn_server, tmp_path):
     summary = result.stdout[-6000:]
     print(summary)
     assert result.returncode == 0, summary
-    import requests
+    import re
 
-    document = requests.get(f"{gunicorn_server.url}/openapi.json", timeout=30).json()
-    operations = sum(len(methods) for methods in document["paths"].values())
-    assert f"{operations} selected / {operations} total" in result.stdout  # every operation was tested
+    selected, total = map(int, re.search(r"(\d+) selected / (\d+) total", result.stdout).groups())
+    assert selected == total >= 9  # every operation was tested (9 of them at the time of writing)
