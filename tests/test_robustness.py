@@ -130,6 +130,9 @@ def robustness_run(varying_exported, kermany224, tmp_path_factory):
     data = real_test_data(root, kermany224, per_class=6)
     config = {"mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "t",
                          "registered_model": "t"}}
+    import mlflow
+
+    mlflow.end_run()  # no run left active in this process by an earlier test
     stage.robustness({"max_images": 8, "seed": 3, "calibration_bins": 10}, config, data, root / "training",
                      root / "evaluation", root / "export", root / "robustness")
     return root
@@ -178,10 +181,12 @@ def test_stage_clean_row_is_what_the_classifier_serves(robustness_run):
 def test_stage_logs_the_table_to_mlflow(robustness_run):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{robustness_run / 'mlflow.db'}")
-    run = mlflow.search_runs(experiment_names=["t"], output_format="list")[0]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{robustness_run / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("t")
+    assert experiment is not None, "the stage logged nothing to its configured store"
+    (run,) = client.search_runs([experiment.experiment_id])
     assert "robustness.worst_accuracy_drop" in run.data.metrics
     assert "robustness.clean_tta.accuracy" in run.data.metrics
     assert run.data.tags["robustness.max_images"] == "8"
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "robustness")}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "robustness")}
     assert {"robustness/table.csv", "robustness/metrics.json"} <= artifacts
