@@ -24,7 +24,7 @@ from chestxray.evaluation.calibration import apply_temperature
 from chestxray.model.decision import decide
 from chestxray.model.ood import ACCEPT, REFUSE, OodDetector, OodReferenceError
 from chestxray.model.ood import WARNING as OOD_WARNING
-from chestxray.model.tta import tta_views
+from chestxray.model.tta import tta_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class Classifier:
         batch = np.asarray(batch, np.float32)
         probs, features = self._run(batch)
         if tta:
-            probs = np.mean([probs] + [self._run(np.ascontiguousarray(v))[0] for v in tta_views(batch)[1:]], axis=0)
+            probs = tta_probabilities(lambda view: self._run(view)[0], batch, original=probs)
         return apply_temperature(probs, self.temperature), features
 
     def outputs(self, batch: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:

@@ -30,6 +30,12 @@ def tta_views(batch: np.ndarray, shift_fraction: float = SHIFT) -> list[np.ndarr
     return [batch, batch[:, :, ::-1], shift(batch, step[0], step[1]), shift(batch, -step[0], -step[1])]
 
 
-def tta_probabilities(predict: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
-    """The mean of `predict` (inputs -> probabilities) over the views of `batch`."""
-    return np.mean([predict(np.ascontiguousarray(view)) for view in tta_views(batch)], axis=0)
+def tta_probabilities(predict: Callable[[np.ndarray], np.ndarray], batch: np.ndarray,
+                      original: np.ndarray | None = None) -> np.ndarray:
+    """The mean of `predict` (inputs -> probabilities) over the views of `batch`.
+
+    `original`: the probabilities of `batch` itself when the caller already has them (not recomputed).
+    """
+    views = tta_views(batch)
+    first = predict(np.ascontiguousarray(views[0])) if original is None else original
+    return np.mean([first] + [predict(np.ascontiguousarray(view)) for view in views[1:]], axis=0)
