@@ -133,8 +133,12 @@ def robustness_run(varying_exported, kermany224, tmp_path_factory):
     import mlflow
 
     mlflow.end_run()  # no run left active in this process by an earlier test
-    stage.robustness({"max_images": 8, "seed": 3, "calibration_bins": 10}, config, data, root / "training",
-                     root / "evaluation", root / "export", root / "robustness")
+    with pytest.MonkeyPatch.context() as env:
+        # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, and the environment outranks config,
+        # so an earlier test's store would otherwise receive this run.
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        stage.robustness({"max_images": 8, "seed": 3, "calibration_bins": 10}, config, data, root / "training",
+                         root / "evaluation", root / "export", root / "robustness")
     return root
 
 
