@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ["ingest", "prepare_base_model", "train", "evaluate", "export"]
+import yaml
+
+STAGES = list(yaml.safe_load(Path("dvc.yaml").read_text())["stages"])  # written in pipeline order
 
 
 def run_stage(stage: str) -> tuple[float, float]:
