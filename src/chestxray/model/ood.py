@@ -101,9 +101,9 @@ class OodDetector:
         if keras_sha256 is not None and summary.get("keras_sha256") != keras_sha256:
             raise OodReferenceError(f"{folder} was fitted on another model.keras (retrained since?) -- re-run the "
                                  "reference stage (`dvc repro reference`)")
-        with np.load(folder / REFERENCE_FILE) as data:
-            warn, refuse = (float(t) for t in data["thresholds"])
-            return cls(data["mean"], data["whitening"], warn, refuse)
+        data = load_arrays(folder)
+        warn, refuse = (float(t) for t in data["thresholds"])
+        return cls(data["mean"], data["whitening"], warn, refuse)
 
 
 def load_arrays(folder: str | Path) -> dict[str, np.ndarray]:
