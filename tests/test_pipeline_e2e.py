@@ -110,9 +110,10 @@ def test_second_repro_does_nothing_and_train_param_reruns_only_what_depends_on_t
 
 
 def test_registered_model_loads_from_registry(project):
-    _, env, _, _ = project
+    repo, env, _, _ = project
     import mlflow
     import numpy as np
+    from mlflow import MlflowClient
 
     from chestxray.model.classifier import Classifier
 
@@ -121,5 +122,34 @@ def test_registered_model_loads_from_registry(project):
     assert clf.classes == list(CLASSES) and clf.version.startswith("chestxray/")
     assert clf.card_path is not None and "# Model card" in clf.card_path.read_text()  # from the run's artifacts
     assert clf.temperature != 1.0  # thresholds.json travels with the registered model
-    probs = clf.probabilities(np.full((1, 96, 96, 3), 128, np.float32))
-    assert probs.shape == (1, 2) and abs(float(probs.sum()) - 1.0) < 1e-4
+    # The run's ONNX export and "not a chest X-ray" reference come with it, and belong to this model:
+    # the export answers like the registered Keras model, the reference is the one its run measured.
+    assert clf.backend == "onnx" and clf.ood is not None, clf.ood_off_reason
+    keras_clf = Classifier.from_registry("chestxray", "champion", backend="keras")
+    images = sorted((repo / "artifacts/data/images/test").glob("*/*.jpeg"))[:4]
+    batch = np.stack([clf.prepare(path.read_bytes()) for path in images])
+    assert np.abs(clf.probabilities(batch) - keras_clf.probabilities(batch)).max() <= 1e-4
+    run = MlflowClient().get_run(MlflowClient().get_model_version_by_alias("chestxray", "champion").run_id)
+    assert clf.ood.refuse == pytest.approx(run.data.metrics["ood.refuse_distance"])
+    assert all(p.ood_distance is not None for p in clf.predict_arrays(batch))
+
+
+def test_registry_version_without_model_hash_serves_keras_without_the_check(project):
+    _, env, _, _ = project
+    import mlflow
+    from mlflow import MlflowClient
+
+    from chestxray.model.classifier import Classifier
+    from chestxray.tracking import KERAS_SHA256_TAG
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("chestxray", "champion")
+    client.delete_model_version_tag("chestxray", champion.version, KERAS_SHA256_TAG)  # as registered before the tag
+    try:
+        clf = Classifier.from_registry("chestxray", "champion")
+    finally:
+        client.set_model_version_tag("chestxray", champion.version, KERAS_SHA256_TAG,
+                                     champion.tags[KERAS_SHA256_TAG])
+    assert clf.backend == "keras" and clf.ood is None
+    assert "registered without the hash" in clf.ood_off_reason and "dvc repro -f -s evaluate" in clf.ood_off_reason

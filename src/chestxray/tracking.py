@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from chestxray.atomic import pid_alive, write_json
 
 CHAMPION = "champion"
+KERAS_SHA256_TAG = "keras_sha256"  # model version tag: the hash of the pipeline's model.keras
 HOST_TAG, PID_TAG = "chestxray.host", "chestxray.pid"
 
 
@@ -92,8 +93,13 @@ def resume_run(config: dict, run_file: Path) -> mlflow.ActiveRun:
     return mlflow.start_run(run_id=run_id, tags=_holder_tags())  # this process holds it now
 
 
-def log_model(model, example, probabilities, extra_files: list[Path], registered_name: str) -> str:
-    """Log the Keras model with signature, input example and its JSON side files; register it; return the version."""
+def log_model(model, example, probabilities, extra_files: list[Path], registered_name: str,
+              keras_sha256: str) -> str:
+    """Log the Keras model with signature, input example and its JSON side files; register it; return the version.
+
+    `keras_sha256` (the pipeline's model.keras) is tagged on the version: the ONNX export and the
+    reference in the same run name the model by it.
+    """
     import keras
     import mlflow.tensorflow
     import tensorflow as tf
@@ -109,7 +115,9 @@ def log_model(model, example, probabilities, extra_files: list[Path], registered
         # Naming them skips MLflow's slow requirement inference.
         pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"],
     )
-    return str(info.registered_model_version)
+    version = str(info.registered_model_version)
+    MlflowClient().set_model_version_tag(registered_name, version, KERAS_SHA256_TAG, keras_sha256)
+    return version
 
 
 def promote_if_better(name: str, version: str, metric: str, value: float) -> bool:
@@ -127,9 +135,19 @@ def promote_if_better(name: str, version: str, metric: str, value: float) -> boo
     return False
 
 
-def download_registered_model(name: str, alias: str = CHAMPION) -> tuple[Path, str]:
-    """Fetch the model version with `alias`; returns (dir with model/ and evaluation/, 'name/version')."""
+def download_registered_model(name: str, alias: str = CHAMPION) -> tuple[Path, str, str | None]:
+    """Fetch the model version with `alias`: (dir laid out like artifacts/, 'name/version', keras sha256 or None).
+
+    The dir holds model/ and evaluation/ (the registered files and the run's model card) and, when the
+    version's run logged them, export/model.onnx and reference/ (the "not a chest X-ray" reference).
+    Those two are tied to the pipeline's model.keras by its sha256, which the evaluate stage tags on
+    the version (MLflow re-saves the model it registers, so the registered file's own hash differs);
+    a version without that tag comes without them.
+    """
     import tempfile
+
+    from chestxray.model.classifier import EXPORT_DIR, MODEL_CARD_FILE, ONNX_FILE, REFERENCE_DIR
+    from chestxray.model.ood import OOD_FILE, REFERENCE_FILE
 
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
@@ -143,17 +161,19 @@ def download_registered_model(name: str, alias: str = CHAMPION) -> tuple[Path, s
     for extra in (local / "extra_files").glob("*.json"):
         target = model_dir if extra.name == "model_info.json" else eval_dir
         extra.rename(target / extra.name)
-    _download_model_card(version.run_id, eval_dir)
-    return local, f"{name}/{version.version}"
+    _download_run_file(version.run_id, f"evaluation/{MODEL_CARD_FILE}", eval_dir)
+    keras_sha256 = version.tags.get(KERAS_SHA256_TAG)
+    if keras_sha256:
+        for path in (f"{EXPORT_DIR}/{ONNX_FILE}", f"{REFERENCE_DIR}/{OOD_FILE}", f"{REFERENCE_DIR}/{REFERENCE_FILE}"):
+            _download_run_file(version.run_id, path, local / Path(path).parent)
+    return local, f"{name}/{version.version}", keras_sha256
 
 
-def _download_model_card(run_id: str, eval_dir: Path) -> None:
-    """The model card, which the model_card stage logs to the run after registration; absent cards are fine."""
-    from chestxray.model.classifier import MODEL_CARD_FILE
-
+def _download_run_file(run_id: str, artifact_path: str, folder: Path) -> None:
+    """Put the run's `artifact_path` into `folder` if the run logged it (stages that ran later may not have)."""
     try:
-        card = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"evaluation/{MODEL_CARD_FILE}",
-                                                   dst_path=str(eval_dir / "run"))
-    except Exception:  # no card logged (a run from before the stage existed): the model still loads
+        downloaded = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                         dst_path=str(folder / "run"))
+    except Exception:  # not logged (a run from before that stage existed): the model still loads
         return
-    Path(card).rename(eval_dir / MODEL_CARD_FILE)
+    Path(downloaded).rename(folder / Path(artifact_path).name)

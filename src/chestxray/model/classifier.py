@@ -85,7 +85,7 @@ def choose_backend(backend: str | None, onnx_path: str | Path | None) -> str:
     backend = requested_backend(backend)
     exported = onnx_path is not None and Path(onnx_path).is_file()
     if backend == "onnx" and not exported:
-        where = f"at {onnx_path}" if onnx_path is not None else "for this model (the registry holds Keras only)"
+        where = f"at {onnx_path}" if onnx_path is not None else "for this model (its run logged none)"
         raise ModelNotFound(f"{BACKEND_ENV}=onnx but there is no exported ONNX model {where} -- run the "
                             f"export stage (`dvc repro export`) or use {BACKEND_ENV}=auto")
     if backend == "auto":
@@ -187,20 +187,22 @@ class Classifier:
         self.reference_dir = Path(reference_dir) if ood is not None and reference_dir is not None else None
         self.ood_off_reason = None if ood is not None else (
             ood_off_reason or f"no reference was loaded with this model (the reference stage writes it to "
-                              f"artifacts/{REFERENCE_DIR}/; the MLflow registry holds none) -- run "
-                              "`dvc repro reference` and serve from artifacts/")
+                              f"artifacts/{REFERENCE_DIR}/ and logs it to the run of the registered version) -- "
+                              "run `dvc repro reference`")
 
     @classmethod
     def from_dirs(cls, model_dir: str | Path, evaluation_dir: str | Path | None = None,
                   version: str | None = None, onnx_path: str | Path | None = None,
                   backend: str | None = None, reference_dir: str | Path | None = None,
-                  tta: bool = False) -> "Classifier":
+                  tta: bool = False, keras_sha256: str | None = None) -> "Classifier":
         """Load model.keras + model_info.json from `model_dir`, thresholds, metrics, card from `evaluation_dir`.
 
         `backend` (auto | onnx | keras; None reads $CHESTXRAY_BACKEND, default auto) decides whether
         the exported `onnx_path` computes the probabilities; see `choose_backend`. `reference_dir`
         holds the "not a chest X-ray" reference (the check is off without one). `tta` averages
-        every prediction over test-time augmentation views (4x the compute).
+        every prediction over test-time augmentation views (4x the compute). The export and the
+        reference must name this model.keras by its sha256; `keras_sha256` gives that name for a
+        re-saved copy (a registered model), whose own bytes hash differently.
         """
         import keras
 
@@ -226,7 +228,7 @@ class Classifier:
         # the export stage) only an explicit `backend` is checked, so the variable cannot break them.
         requested = requested_backend(backend) if backend or onnx_path is not None else "keras"
         chosen = choose_backend(requested, onnx_path)
-        sha256 = file_sha256(model_path)
+        sha256 = keras_sha256 or file_sha256(model_path)
         if version is None:
             version = "sha256:" + sha256[:12]
         runner = _load_onnx(Path(onnx_path), sha256, required=requested == "onnx") if chosen == "onnx" else None
@@ -248,14 +250,22 @@ class Classifier:
                       tta: bool = False) -> "Classifier":
         """Load the registered model version that carries `alias` (MLFLOW_TRACKING_URI picks the store).
 
-        The registry holds the Keras model only, so `backend` auto means Keras here, and the
-        "not a chest X-ray" check is off (its reference is not registered).
+        With it come its run's ONNX export and "not a chest X-ray" reference, so it serves like
+        `from_artifacts`; a version registered before the evaluate stage tagged its model hash has
+        neither (Keras only, check off).
         """
         from chestxray.tracking import download_registered_model
 
-        local_dir, version = download_registered_model(name, alias)
-        return cls.from_dirs(local_dir / "model", local_dir / "evaluation", version=version, backend=backend,
-                             tta=tta)
+        local, version, keras_sha256 = download_registered_model(name, alias)
+        onnx_path = local / EXPORT_DIR / ONNX_FILE
+        clf = cls.from_dirs(local / "model", local / "evaluation", version=version, backend=backend, tta=tta,
+                            onnx_path=onnx_path if onnx_path.is_file() else None,
+                            reference_dir=local / REFERENCE_DIR if keras_sha256 else None, keras_sha256=keras_sha256)
+        if not keras_sha256:
+            clf.ood_off_reason = (f"{version} was registered without the hash of its model.keras, so its run's "
+                                  "reference cannot be matched to it -- register it again (`dvc repro -f -s evaluate`) "
+                                  "and move the alias to the new version")
+        return clf
 
     def _run(self, batch) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities and pooled features (None if unavailable) for one batch of prepared inputs."""

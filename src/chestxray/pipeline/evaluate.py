@@ -38,7 +38,8 @@ def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: P
 
     from chestxray import tracking
     from chestxray.evaluation.plots import roc_table, save_figures, write_plot_data
-    from chestxray.model.classifier import INFO_FILE, METRICS_FILE, THRESHOLDS_FILE, Classifier
+    from chestxray.model.classifier import (INFO_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE, Classifier,
+                                            file_sha256)
 
     # No evaluation dir: temperature 1, i.e. the network's own probabilities (TTA-averaged if asked).
     clf = Classifier.from_dirs(model_dir, tta=bool(params.get("tta", False)))
@@ -84,7 +85,8 @@ def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: P
         name = config["mlflow"]["registered_model"]
         # The registered Keras model outputs raw probabilities; the temperature travels in thresholds.json.
         version = tracking.log_model(clf.model, example, clf.raw_probabilities(example),
-                                     [model_dir / INFO_FILE, out / THRESHOLDS_FILE, out / METRICS_FILE], name)
+                                     [model_dir / INFO_FILE, out / THRESHOLDS_FILE, out / METRICS_FILE], name,
+                                     keras_sha256=file_sha256(model_dir / MODEL_FILE))
         promoted = tracking.promote_if_better(name, version, "val_roc_auc", metrics["val"]["roc_auc"])
     print(f"registered {name} version {version}" + (" as champion" if promoted else " (champion unchanged)"))
 
@@ -114,8 +116,6 @@ def fit_on_validation(params: dict, y: dict, raw: dict, classes: list[str],
 def score(params: dict, y: dict, raw: dict, probs: dict, classes: list[str], normal: str | None,
           thresholds: dict) -> tuple[dict, dict]:
     """(metrics.json content, tables for plots) on test, with validation scores and ECE before calibration."""
-    import numpy as np
-
     from chestxray.evaluation.calibration import served_confidence
     from chestxray.evaluation.metrics import classification_metrics, expected_calibration_error
 
