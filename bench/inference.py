@@ -173,7 +173,7 @@ def paired_batches(artifacts: Path, pairs: int) -> dict:
     paths = {name: _path_functions(name, artifacts)[:2] for name in ("keras_predict", "served")}
     small = [p.read_bytes() for p in TEST224]
     for prepare, infer in paths.values():  # warm-up
-        infer(np.stack([prepare(d) for d in small[:BATCH]]))
+        batch_seconds(prepare, infer, small[:BATCH])
     rates: dict[str, list[float]] = {name: [] for name in paths}
     for k, chunk in enumerate(np.array_split(np.arange(len(small)), pairs)):
         datas = [small[i] for i in chunk]

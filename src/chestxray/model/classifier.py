@@ -149,8 +149,11 @@ class Classifier:
 
     def __init__(self, model, info: dict, thresholds: dict | None = None, metrics: dict | None = None,
                  version: str = "unknown", onnx_runner=None, ood=None, ood_off_reason: str | None = None,
-                 reference_dir: str | Path | None = None, tta: bool = False, card_path: Path | None = None):
+                 reference_dir: str | Path | None = None, tta: bool = False, card_path: Path | None = None,
+                 keras_sha256: str | None = None):
         self.model = model
+        # The model's identity: the sha256 of the pipeline's model.keras, which the export and the reference name.
+        self.keras_sha256 = keras_sha256
         self.onnx_runner = onnx_runner
         self.backend = "onnx" if onnx_runner is not None else "keras"
         self.info = info
@@ -194,7 +197,8 @@ class Classifier:
     def from_dirs(cls, model_dir: str | Path, evaluation_dir: str | Path | None = None,
                   version: str | None = None, onnx_path: str | Path | None = None,
                   backend: str | None = None, reference_dir: str | Path | None = None,
-                  tta: bool = False, keras_sha256: str | None = None) -> "Classifier":
+                  tta: bool = False, keras_sha256: str | None = None,
+                  no_reference_reason: str | None = None) -> "Classifier":
         """Load model.keras + model_info.json from `model_dir`, thresholds, metrics, card from `evaluation_dir`.
 
         `backend` (auto | onnx | keras; None reads $CHESTXRAY_BACKEND, default auto) decides whether
@@ -202,7 +206,8 @@ class Classifier:
         holds the "not a chest X-ray" reference (the check is off without one). `tta` averages
         every prediction over test-time augmentation views (4x the compute). The export and the
         reference must name this model.keras by its sha256; `keras_sha256` gives that name for a
-        re-saved copy (a registered model), whose own bytes hash differently.
+        re-saved copy (a registered model), whose own bytes hash differently. `no_reference_reason`
+        says why the check is off when no reference is found.
         """
         import keras
 
@@ -234,8 +239,9 @@ class Classifier:
         runner = _load_onnx(Path(onnx_path), sha256, required=requested == "onnx") if chosen == "onnx" else None
         model = keras.saving.load_model(model_path, compile=False)
         ood, off_reason = _load_reference(reference_dir, sha256)
-        return cls(model, info, thresholds, metrics, version, onnx_runner=runner, ood=ood, ood_off_reason=off_reason,
-                   reference_dir=reference_dir, tta=tta, card_path=card)
+        return cls(model, info, thresholds, metrics, version, onnx_runner=runner, ood=ood,
+                   ood_off_reason=off_reason or no_reference_reason,
+                   reference_dir=reference_dir, tta=tta, card_path=card, keras_sha256=sha256)
 
     @classmethod
     def from_artifacts(cls, root: str | Path = "artifacts", backend: str | None = None,
@@ -258,14 +264,13 @@ class Classifier:
 
         local, version, keras_sha256 = download_registered_model(name, alias)
         onnx_path = local / EXPORT_DIR / ONNX_FILE
-        clf = cls.from_dirs(local / "model", local / "evaluation", version=version, backend=backend, tta=tta,
-                            onnx_path=onnx_path if onnx_path.is_file() else None,
-                            reference_dir=local / REFERENCE_DIR if keras_sha256 else None, keras_sha256=keras_sha256)
-        if not keras_sha256:
-            clf.ood_off_reason = (f"{version} was registered without the hash of its model.keras, so its run's "
-                                  "reference cannot be matched to it -- register it again (`dvc repro -f -s evaluate`) "
-                                  "and move the alias to the new version")
-        return clf
+        untagged = (f"{version} was registered without the hash of its model.keras, so its run's reference cannot "
+                    "be matched to it -- register it again (`dvc repro -f -s evaluate`) and move the alias to the "
+                    "new version")
+        return cls.from_dirs(local / "model", local / "evaluation", version=version, backend=backend, tta=tta,
+                             onnx_path=onnx_path if onnx_path.is_file() else None,
+                             reference_dir=local / REFERENCE_DIR, keras_sha256=keras_sha256,
+                             no_reference_reason=None if keras_sha256 else untagged)
 
     def _run(self, batch) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities and pooled features (None if unavailable) for one batch of prepared inputs."""

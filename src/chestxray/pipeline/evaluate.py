@@ -38,8 +38,7 @@ def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: P
 
     from chestxray import tracking
     from chestxray.evaluation.plots import roc_table, save_figures, write_plot_data
-    from chestxray.model.classifier import (INFO_FILE, METRICS_FILE, MODEL_FILE, THRESHOLDS_FILE, Classifier,
-                                            file_sha256)
+    from chestxray.model.classifier import INFO_FILE, METRICS_FILE, THRESHOLDS_FILE, Classifier
 
     # No evaluation dir: temperature 1, i.e. the network's own probabilities (TTA-averaged if asked).
     clf = Classifier.from_dirs(model_dir, tta=bool(params.get("tta", False)))
@@ -86,7 +85,7 @@ def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: P
         # The registered Keras model outputs raw probabilities; the temperature travels in thresholds.json.
         version = tracking.log_model(clf.model, example, clf.raw_probabilities(example),
                                      [model_dir / INFO_FILE, out / THRESHOLDS_FILE, out / METRICS_FILE], name,
-                                     keras_sha256=file_sha256(model_dir / MODEL_FILE))
+                                     keras_sha256=clf.keras_sha256)
         promoted = tracking.promote_if_better(name, version, "val_roc_auc", metrics["val"]["roc_auc"])
     print(f"registered {name} version {version}" + (" as champion" if promoted else " (champion unchanged)"))
 

@@ -59,10 +59,10 @@ def convert_and_check(model_dir: Path, paths: list[str], out: Path, tolerance: f
     from chestxray.data.dataset import image_dataset
     from chestxray.model import onnx_export as X
     from chestxray.model.build import with_features
-    from chestxray.model.classifier import MODEL_FILE, ONNX_FILE, Classifier, file_sha256
+    from chestxray.model.classifier import ONNX_FILE, Classifier
 
     clf = Classifier.from_dirs(model_dir, backend="keras")
-    keras_sha = file_sha256(model_dir / MODEL_FILE)
+    keras_sha = clf.keras_sha256
     final = out / ONNX_FILE
     final.unlink(missing_ok=True)  # never leave an earlier export next to a new model
     with atomic_path(final) as partial:  # removed, not published, if the check fails

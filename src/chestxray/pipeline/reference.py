@@ -106,7 +106,7 @@ def reference(params: dict, config: dict | None, data_dir: Path, model_dir: Path
     import pandas as pd
 
     from chestxray.evaluation import drift
-    from chestxray.model.classifier import MODEL_FILE, Classifier, file_sha256
+    from chestxray.model.classifier import Classifier
     from chestxray.model.ood import OOD_FILE, OodDetector
 
     started = time.perf_counter()
@@ -146,7 +146,7 @@ def reference(params: dict, config: dict | None, data_dir: Path, model_dir: Path
     summary = {
         "method": "Mahalanobis distance of the model's pooled backbone features to training X-rays "
                   "(mean and Ledoit-Wolf covariance); thresholds on validation X-rays only",
-        "keras_sha256": file_sha256(model_dir / MODEL_FILE),
+        "keras_sha256": clf.keras_sha256,
         "feature_dim": int(train_features.shape[1]),
         "n_train_images": len(train),
         "n_val_images": len(paths["val"]),
