@@ -109,8 +109,10 @@ def test_second_repro_does_nothing_and_train_param_reruns_only_what_depends_on_t
     assert "robustness" in ran and ran <= {"robustness", "model_card"}, robustness_only.stdout  # card: if it changed
 
 
-def test_registered_model_loads_from_registry(project):
+def test_registered_model_loads_from_registry(project, tmp_path, monkeypatch):
     repo, env, _, _ = project
+    import tempfile
+
     import mlflow
     import numpy as np
     from mlflow import MlflowClient
@@ -118,9 +120,12 @@ def test_registered_model_loads_from_registry(project):
     from chestxray.model.classifier import Classifier
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     clf = Classifier.from_registry("chestxray", "champion")
+    assert list(tmp_path.iterdir()) == []  # loaded into memory, the download removed: reloads leave nothing behind
     assert clf.classes == list(CLASSES) and clf.version.startswith("chestxray/")
-    assert clf.card_path is not None and "# Model card" in clf.card_path.read_text()  # from the run's artifacts
+    assert clf.card is not None and "# Model card" in clf.card  # from the run's artifacts
+    assert clf.drift_reference is not None  # the app's drift monitor compares with the run's reference
     assert clf.temperature != 1.0  # thresholds.json travels with the registered model
     # The run's ONNX export and "not a chest X-ray" reference come with it, and belong to this model:
     # the export answers like the registered Keras model, the reference is the one its run measured.

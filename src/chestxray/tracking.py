@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -135,8 +136,9 @@ def promote_if_better(name: str, version: str, metric: str, value: float) -> boo
     return False
 
 
-def download_registered_model(name: str, alias: str = CHAMPION) -> tuple[Path, str, str | None]:
-    """Fetch the model version with `alias`: (dir laid out like artifacts/, 'name/version', keras sha256 or None).
+def download_registered_model(name: str, alias: str, folder: Path) -> tuple[Path, str, str | None]:
+    """Fetch the model version with `alias` into `folder`: (dir laid out like artifacts/, 'name/version',
+    keras sha256 or None).
 
     The dir holds model/ and evaluation/ (the registered files and the run's model card) and, when the
     version's run logged them, export/model.onnx and reference/ (the "not a chest X-ray" reference).
@@ -144,15 +146,13 @@ def download_registered_model(name: str, alias: str = CHAMPION) -> tuple[Path, s
     the version (MLflow re-saves the model it registers, so the registered file's own hash differs);
     a version without that tag comes without them.
     """
-    import tempfile
-
     from chestxray.model.classifier import EXPORT_DIR, MODEL_CARD_FILE, ONNX_FILE, REFERENCE_DIR
     from chestxray.model.ood import OOD_FILE, REFERENCE_FILE
 
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     version = client.get_model_version_by_alias(name, alias)
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}", dst_path=tempfile.mkdtemp()))
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}", dst_path=str(folder)))
     # Lay the files out like the pipeline's artifacts so Classifier.from_dirs reads both alike.
     model_dir, eval_dir = local / "model", local / "evaluation"
     model_dir.mkdir(exist_ok=True)
@@ -177,3 +177,4 @@ def _download_run_file(run_id: str, artifact_path: str, folder: Path) -> None:
     except Exception:  # not logged (a run from before that stage existed): the model still loads
         return
     Path(downloaded).rename(folder / Path(artifact_path).name)
+    shutil.rmtree(folder / "run")

@@ -21,6 +21,7 @@ import numpy as np
 
 from chestxray.data.preprocess import decode_image, prepare_image
 from chestxray.evaluation.calibration import apply_temperature
+from chestxray.evaluation.drift import DriftReference
 from chestxray.model.decision import decide
 from chestxray.model.ood import ACCEPT, REFUSE, OodDetector, OodReferenceError
 from chestxray.model.ood import WARNING as OOD_WARNING
@@ -142,14 +143,16 @@ class Classifier:
     Probabilities come from `onnx_runner` (ONNX Runtime) when one is given, else from the Keras model;
     `backend` says which. `model` is always the Keras model (Grad-CAM needs it). `ood` (an
     OodDetector) turns on the "not a chest X-ray" check; `ood_off_reason` says why it is off;
-    `reference_dir` is the folder it came from (it also holds the drift reference). Served
+    `drift_reference` (from the same reference folder) is what the app's drift monitor compares
+    with; `card` is the model card's Markdown. Everything is held in memory, so the files it was
+    loaded from may go (a registry download does). Served
     probabilities are averaged over test-time augmentation views when `tta` is on, then divided by
     the temperature fitted on validation (thresholds.json); `outputs` gives the network's own output.
     """
 
     def __init__(self, model, info: dict, thresholds: dict | None = None, metrics: dict | None = None,
                  version: str = "unknown", onnx_runner=None, ood=None, ood_off_reason: str | None = None,
-                 reference_dir: str | Path | None = None, tta: bool = False, card_path: Path | None = None,
+                 drift_reference=None, tta: bool = False, card: str | None = None,
                  keras_sha256: str | None = None):
         self.model = model
         # The model's identity: the sha256 of the pipeline's model.keras, which the export and the reference name.
@@ -171,7 +174,7 @@ class Classifier:
                         "with" if thresholds["tta"] else "without", "on" if self.tta else "off")
         self.metrics = metrics or {}
         self.version = version
-        self.card_path = card_path if card_path is not None and Path(card_path).is_file() else None
+        self.card = card
         # Graph mode: several times faster than eager calls for one image, traced once per batch shape.
         import tensorflow as tf
 
@@ -187,7 +190,7 @@ class Classifier:
             ood, ood_off_reason = None, (f"{onnx_runner.path} has no features output (exported before the check "
                                          "existed) -- re-run the export stage (`dvc repro export`)")
         self.ood = ood
-        self.reference_dir = Path(reference_dir) if ood is not None and reference_dir is not None else None
+        self.drift_reference = drift_reference if ood is not None else None
         self.ood_off_reason = None if ood is not None else (
             ood_off_reason or f"no reference was loaded with this model (the reference stage writes it to "
                               f"artifacts/{REFERENCE_DIR}/ and logs it to the run of the registered version) -- "
@@ -224,7 +227,8 @@ class Classifier:
         thresholds = metrics = card = None
         if evaluation_dir is not None:
             evaluation_dir = Path(evaluation_dir)
-            card = evaluation_dir / MODEL_CARD_FILE
+            if (evaluation_dir / MODEL_CARD_FILE).is_file():
+                card = (evaluation_dir / MODEL_CARD_FILE).read_text()
             if (evaluation_dir / THRESHOLDS_FILE).is_file():
                 thresholds = json.loads((evaluation_dir / THRESHOLDS_FILE).read_text())
             if (evaluation_dir / METRICS_FILE).is_file():
@@ -239,9 +243,10 @@ class Classifier:
         runner = _load_onnx(Path(onnx_path), sha256, required=requested == "onnx") if chosen == "onnx" else None
         model = keras.saving.load_model(model_path, compile=False)
         ood, off_reason = _load_reference(reference_dir, sha256)
+        drift_reference = DriftReference.load(reference_dir) if ood is not None else None
         return cls(model, info, thresholds, metrics, version, onnx_runner=runner, ood=ood,
                    ood_off_reason=off_reason or no_reference_reason,
-                   reference_dir=reference_dir, tta=tta, card_path=card, keras_sha256=sha256)
+                   drift_reference=drift_reference, tta=tta, card=card, keras_sha256=sha256)
 
     @classmethod
     def from_artifacts(cls, root: str | Path = "artifacts", backend: str | None = None,
@@ -260,17 +265,21 @@ class Classifier:
         `from_artifacts`; a version registered before the evaluate stage tagged its model hash has
         neither (Keras only, check off).
         """
+        import tempfile
+
         from chestxray.tracking import download_registered_model
 
-        local, version, keras_sha256 = download_registered_model(name, alias)
-        onnx_path = local / EXPORT_DIR / ONNX_FILE
-        untagged = (f"{version} was registered without the hash of its model.keras, so its run's reference cannot "
-                    "be matched to it -- register it again (`dvc repro -f -s evaluate`) and move the alias to the "
-                    "new version")
-        return cls.from_dirs(local / "model", local / "evaluation", version=version, backend=backend, tta=tta,
-                             onnx_path=onnx_path if onnx_path.is_file() else None,
-                             reference_dir=local / REFERENCE_DIR, keras_sha256=keras_sha256,
-                             no_reference_reason=None if keras_sha256 else untagged)
+        # The download is read into memory and removed: reloads do not pile model copies up on disk.
+        with tempfile.TemporaryDirectory(prefix="chestxray-registry-") as folder:
+            local, version, keras_sha256 = download_registered_model(name, alias, Path(folder))
+            onnx_path = local / EXPORT_DIR / ONNX_FILE
+            untagged = (f"{version} was registered without the hash of its model.keras, so its run's reference "
+                        "cannot be matched to it -- register it again (`dvc repro -f -s evaluate`) and move the "
+                        "alias to the new version")
+            return cls.from_dirs(local / "model", local / "evaluation", version=version, backend=backend, tta=tta,
+                                 onnx_path=onnx_path if onnx_path.is_file() else None,
+                                 reference_dir=local / REFERENCE_DIR, keras_sha256=keras_sha256,
+                                 no_reference_reason=None if keras_sha256 else untagged)
 
     def _run(self, batch) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities and pooled features (None if unavailable) for one batch of prepared inputs."""

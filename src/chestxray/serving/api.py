@@ -92,7 +92,7 @@ def model_info():
                     "temperature": clf.temperature},
         low_confidence_rule=clf.thresholds.get("low_confidence_rule"),
         tta=clf.tta,
-        model_card=url_for("api.model_card") if clf.card_path is not None else None,
+        model_card=url_for("api.model_card") if clf.card is not None else None,
         not_a_chest_xray_check=clf.ood_info(),
         limits=_limits(),
     )
@@ -102,10 +102,10 @@ def model_info():
 def model_card():
     """The model card: Markdown, or a simple HTML page for browsers (Accept: text/html, or ?format=html)."""
     clf = _classifier()
-    if clf.card_path is None:
+    if clf.card is None:
         raise ApiError(404, "no_model_card", "this model has no model card -- run the pipeline's model_card stage "
                                              "(`dvc repro model_card`)")
-    text = clf.card_path.read_text()
+    text = clf.card
     wanted = request.args.get("format")  # absent: by the Accept header; present, it must be md or html
     if wanted is None:
         wanted = "html" if request.accept_mimetypes.best_match(["text/markdown", "text/html"]) == "text/html" else "md"

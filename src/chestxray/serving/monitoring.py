@@ -187,16 +187,15 @@ class _PrometheusMonitor:
 
 
 def reference_for(classifier) -> tuple[drift.DriftReference | None, str | None]:
-    """A loaded classifier's drift reference (from its reference folder), or None and the reason."""
+    """A loaded classifier's drift reference, or None and the reason."""
     if classifier is None:
         return None, "no model loaded"
-    folder = getattr(classifier, "reference_dir", None)
-    reference = drift.DriftReference.load(folder) if folder is not None else None
+    reference = classifier.drift_reference
     return reference, None if reference is not None else classifier.ood_off_reason
 
 
 def monitor_for(classifier, min_count: int, registry=None) -> Monitor:
-    """The monitor for a loaded classifier (its reference folder's drift reference), or for no model."""
+    """The monitor for a loaded classifier (its drift reference), or for no model."""
     reference, reason = reference_for(classifier)
     return Monitor(reference, min_count, registry, reason)
 

@@ -18,7 +18,7 @@ def index():
     upload. The key stays in the page (nothing is stored in cookies or browser storage).
     """
     state = current_state()
-    has_card = state.classifier is not None and state.classifier.card_path is not None
+    has_card = state.classifier is not None and state.classifier.card is not None
     return render_template(
         "index.html",
         model_error=state.error,
