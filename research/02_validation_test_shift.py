@@ -1,6 +1,6 @@
 # %% [markdown]
 # # Why validation says 0.99 and test says 0.90: three looks at the train/test shift
-# Runs as a script (`python research/02_validation_test_shift.py`, ~20 min on 2 cores) or cell by cell.
+# Runs as a script (`python research/02_validation_test_shift.py`, ~22 min on 2 cores) or cell by cell.
 # Needs a finished `dvc repro` (artifacts/data, base_model, training, export). Test data is only
 # *looked at* here, to understand the gap; nothing in the pipeline is chosen on it.
 #
@@ -22,6 +22,7 @@ from chestxray.data.preprocess import decode_image, prepare_image
 from chestxray.evaluation.corruptions import CORRUPTIONS, corrupt
 from chestxray.model.classifier import Classifier
 from chestxray.pipeline.evaluate import fit_on_validation, score
+from chestxray.settings import load_params
 
 A = Path("artifacts")
 manifest = pd.read_csv(A / "data" / "manifest.csv")
@@ -51,23 +52,25 @@ classes, normal = clf.classes, clf.normal_class
 y = {s: np.array([classes.index(c) for c in splits[s].label]) for s in ("val", "test")}
 raw = {s: clf.raw_probabilities(np.stack([prepare_image(g, clf.image_size) for g in grays[s]])) for s in y}
 views = [(name, severity) for name in CORRUPTIONS for severity in (1, 2)]
+EVALUATE = load_params("params.yaml", "evaluate")  # the evaluate stage's own settings
 
 
 def corrupted_val(picks: list[list[int]], seed: int) -> list[np.ndarray]:
     """Raw probabilities of validation under views[picks[j][i]] for image i, one array per j."""
-    return [clf.raw_probabilities(np.stack([prepare_image(corrupt(g, *views[v], np.random.default_rng([seed, j, i])),
-                                                          clf.image_size)
-                                            for i, (g, v) in enumerate(zip(grays["val"], pick))]))
-            for j, pick in enumerate(picks)]
+    out = []
+    for j, pick in enumerate(picks):
+        images = [corrupt(g, *views[v], np.random.default_rng([seed, j, i]))
+                  for i, (g, v) in enumerate(zip(grays["val"], pick))]
+        out.append(clf.raw_probabilities(np.stack([prepare_image(g, clf.image_size) for g in images])))
+    return out
 
 
 def fitted_on(extra: list[np.ndarray]) -> str:
     """Temperature and thresholds fitted on validation + `extra` (copies of it); what they give on test."""
     fit_y = {"val": np.tile(y["val"], 1 + len(extra)), "test": y["test"]}
     fit_raw = {"val": np.concatenate([raw["val"], *extra]), "test": raw["test"]}
-    params = {"low_confidence_target_accuracy": 0.9, "calibration_bins": 10}  # as in params.yaml
-    thresholds, probs = fit_on_validation(params, fit_y, fit_raw, classes, normal)
-    m, _ = score(params, fit_y, fit_raw, probs, classes, normal, thresholds)
+    thresholds, probs = fit_on_validation(EVALUATE, fit_y, fit_raw, classes, normal)
+    m, _ = score(EVALUATE, fit_y, fit_raw, probs, classes, normal, thresholds)
     low = m["low_confidence"]
     return (f"T {thresholds['temperature']:.2f}, threshold {thresholds['decision_threshold']:.3f}: test accuracy "
             f"{m['accuracy']:.3f}, ECE {m['ece']:.3f}; low confidence flags {low['flagged_share']:.1%} of test, "

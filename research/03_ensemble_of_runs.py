@@ -22,9 +22,10 @@ import pandas as pd
 
 from chestxray.model.classifier import Classifier
 from chestxray.pipeline.evaluate import fit_on_validation, score
+from chestxray.settings import load_params
 
 DATA = Path("artifacts/data")
-PARAMS = {"low_confidence_target_accuracy": 0.9, "calibration_bins": 10}  # as in params.yaml
+PARAMS = load_params("params.yaml", "evaluate")  # the evaluate stage's own settings
 runs = [Path(arg) for arg in sys.argv[1:]] or [Path("artifacts/training")]
 manifest = pd.read_csv(DATA / "manifest.csv")
 rows = {s: manifest[manifest.split == s] for s in ("val", "test")}

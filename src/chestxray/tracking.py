@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -161,20 +160,20 @@ def download_registered_model(name: str, alias: str, folder: Path) -> tuple[Path
     for extra in (local / "extra_files").glob("*.json"):
         target = model_dir if extra.name == "model_info.json" else eval_dir
         extra.rename(target / extra.name)
-    _download_run_file(version.run_id, f"evaluation/{MODEL_CARD_FILE}", eval_dir)
+    # Run artifacts go to their run paths (evaluation/, export/, reference/): the artifacts/ layout.
+    _download_run_file(version.run_id, f"evaluation/{MODEL_CARD_FILE}", local)
     keras_sha256 = version.tags.get(KERAS_SHA256_TAG)
     if keras_sha256:
         for path in (f"{EXPORT_DIR}/{ONNX_FILE}", f"{REFERENCE_DIR}/{OOD_FILE}", f"{REFERENCE_DIR}/{REFERENCE_FILE}"):
-            _download_run_file(version.run_id, path, local / Path(path).parent)
+            _download_run_file(version.run_id, path, local)
     return local, f"{name}/{version.version}", keras_sha256
 
 
-def _download_run_file(run_id: str, artifact_path: str, folder: Path) -> None:
-    """Put the run's `artifact_path` into `folder` if the run logged it (stages that ran later may not have)."""
+def _download_run_file(run_id: str, artifact_path: str, root: Path) -> None:
+    """Put the run's `artifact_path` at root/artifact_path if the run logged it (stages that ran later may not have)."""
+    folder = (root / artifact_path).parent  # a file's download lands in dst_path under its bare name
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        downloaded = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
-                                                         dst_path=str(folder / "run"))
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(folder))
     except Exception:  # not logged (a run from before that stage existed): the model still loads
         return
-    Path(downloaded).rename(folder / Path(artifact_path).name)
-    shutil.rmtree(folder / "run")

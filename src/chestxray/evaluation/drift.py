@@ -100,17 +100,9 @@ class DriftReference:
     class_mix: dict[str, int]
 
     @classmethod
-    def load(cls, folder) -> "DriftReference | None":
-        """From a reference folder (reference.npz + ood.json); None if it has no drift reference."""
-        import json
-        from pathlib import Path
-
-        from chestxray.model.ood import OOD_FILE, load_arrays
-
-        arrays, path = load_arrays(folder), Path(folder) / OOD_FILE
-        if not arrays or not path.is_file():
-            return None
-        summary = json.loads(path.read_text()).get("drift_reference")
+    def from_reference(cls, ood_summary: dict, arrays: dict[str, np.ndarray]) -> "DriftReference | None":
+        """From a reference folder's ood.json and reference.npz arrays; None if it has no drift reference."""
+        summary = ood_summary.get("drift_reference")
         if not summary:
             return None
         signals = {s.name: s for s in (*NUMERIC_SIGNALS, ood_signal(float(arrays["thresholds"][1])))}

@@ -23,7 +23,7 @@ from chestxray.data.preprocess import decode_image, prepare_image
 from chestxray.evaluation.calibration import apply_temperature
 from chestxray.evaluation.drift import DriftReference
 from chestxray.model.decision import decide
-from chestxray.model.ood import ACCEPT, REFUSE, OodDetector, OodReferenceError
+from chestxray.model.ood import ACCEPT, REFUSE, OodDetector, OodReferenceError, read_reference
 from chestxray.model.ood import WARNING as OOD_WARNING
 from chestxray.model.tta import tta_probabilities
 
@@ -113,15 +113,19 @@ def _load_onnx(onnx_path: Path, keras_sha256: str, required: bool):
     return None
 
 
-def _load_reference(folder: str | Path | None, keras_sha256: str) -> tuple[OodDetector | None, str | None]:
-    """The OOD detector in `folder` and None, or None and why the check is off (a stale one is logged)."""
-    if folder is None:
-        return None, None
+def _load_reference(folder: str | Path | None,
+                    keras_sha256: str) -> tuple[OodDetector | None, DriftReference | None, str | None]:
+    """The OOD detector and drift reference in `folder` (its files read once) and None, or None, None
+    and why the check is off (a stale reference is logged)."""
+    reference = read_reference(folder) if folder is not None else None
+    if reference is None:
+        return None, None, None
     try:
-        return OodDetector.load(folder, keras_sha256), None
+        ood = OodDetector.from_reference(*reference, keras_sha256, folder)
     except OodReferenceError as exc:
         log.warning("'not a chest X-ray' check off: %s", exc)
-        return None, str(exc)
+        return None, None, str(exc)
+    return ood, DriftReference.from_reference(*reference), None
 
 
 def _pair(outputs: dict) -> tuple:
@@ -242,8 +246,7 @@ class Classifier:
             version = "sha256:" + sha256[:12]
         runner = _load_onnx(Path(onnx_path), sha256, required=requested == "onnx") if chosen == "onnx" else None
         model = keras.saving.load_model(model_path, compile=False)
-        ood, off_reason = _load_reference(reference_dir, sha256)
-        drift_reference = DriftReference.load(reference_dir) if ood is not None else None
+        ood, drift_reference, off_reason = _load_reference(reference_dir, sha256)
         return cls(model, info, thresholds, metrics, version, onnx_runner=runner, ood=ood,
                    ood_off_reason=off_reason or no_reference_reason,
                    drift_reference=drift_reference, tta=tta, card=card, keras_sha256=sha256)

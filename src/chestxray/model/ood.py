@@ -94,22 +94,25 @@ class OodDetector:
     @classmethod
     def load(cls, folder: str | Path, keras_sha256: str | None = None) -> "OodDetector | None":
         """The detector saved in `folder`; None if there is none. OodReferenceError if it belongs to another model."""
-        folder = Path(folder)
-        if not (folder / REFERENCE_FILE).is_file() or not (folder / OOD_FILE).is_file():
-            return None
-        summary = json.loads((folder / OOD_FILE).read_text())
+        reference = read_reference(folder)
+        return None if reference is None else cls.from_reference(*reference, keras_sha256, folder)
+
+    @classmethod
+    def from_reference(cls, summary: dict, arrays: dict[str, np.ndarray], keras_sha256: str | None,
+                       folder: str | Path) -> "OodDetector":
+        """The detector in a reference read by `read_reference`; OodReferenceError if it belongs to another model."""
         if keras_sha256 is not None and summary.get("keras_sha256") != keras_sha256:
             raise OodReferenceError(f"{folder} was fitted on another model.keras (retrained since?) -- re-run the "
                                  "reference stage (`dvc repro reference`)")
-        data = load_arrays(folder)
-        warn, refuse = (float(t) for t in data["thresholds"])
-        return cls(data["mean"], data["whitening"], warn, refuse)
+        warn, refuse = (float(t) for t in arrays["thresholds"])
+        return cls(arrays["mean"], arrays["whitening"], warn, refuse)
 
 
-def load_arrays(folder: str | Path) -> dict[str, np.ndarray]:
-    """Every array stored in a reference folder's reference.npz (empty if there is none)."""
-    path = Path(folder) / REFERENCE_FILE
-    if not path.is_file():
-        return {}
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}
+def read_reference(folder: str | Path) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """(ood.json, every array of reference.npz) of a reference folder; None if either file is missing."""
+    folder = Path(folder)
+    if not (folder / REFERENCE_FILE).is_file() or not (folder / OOD_FILE).is_file():
+        return None
+    with np.load(folder / REFERENCE_FILE) as data:
+        arrays = {key: data[key] for key in data.files}
+    return json.loads((folder / OOD_FILE).read_text()), arrays
