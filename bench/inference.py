@@ -7,7 +7,7 @@ In-process (each path in its own child process, one after the other, so peak mem
   keras_predict  decode at full size + prepare_image + `model.predict` (the plain Keras way)
   keras_graph    decode at full size + prepare_image + the Keras model as a traced tf.function
                  (what the app served before ONNX)
-  served         `Classifier.prepare` + the Classifier's backend, as the app runs it (ONNX Runtime when
+  served         `Predictor.prepare` + the Predictor's backend, as the app runs it (ONNX Runtime when
                  artifacts/export/model.onnx exists)
 measuring single-image latency p50/p95 (decode + preprocess + inference) on the full-size originals
 and on the 224 px test set, batch throughput on the 224 px test set, and peak RSS.
@@ -57,19 +57,19 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 def _path_functions(path: str, artifacts: Path):
     """(prepare: bytes -> input, infer: batch -> probabilities, backend name) for one measured path."""
     from chestxray.data.preprocess import decode_image, prepare_image
-    from chestxray.model.classifier import Classifier
+    from chestxray.model.predictor import Predictor
 
     if path == "served":
-        clf = Classifier.from_artifacts(artifacts)  # what the app loads (CHESTXRAY_BACKEND, default auto)
-        return clf.prepare, clf.probabilities, clf.backend
-    clf = Classifier.from_artifacts(artifacts, backend="keras")
+        clf = Predictor.from_artifacts(artifacts)  # what the app loads by default (backend auto)
+        return clf.prepare, clf.served_probabilities, clf.backend
+    clf = Predictor.from_artifacts(artifacts, backend="keras")
 
     def prepare(data: bytes) -> np.ndarray:
         return prepare_image(decode_image(data), clf.image_size)
 
     if path == "keras_predict":
         return prepare, lambda x: clf.model.predict(x, batch_size=BATCH, verbose=0), "keras"
-    return prepare, clf.probabilities, "keras"
+    return prepare, clf.served_probabilities, "keras"
 
 
 def _reduced_decode(data: bytes, image_size: int) -> np.ndarray:
@@ -96,9 +96,9 @@ def reduced_decoding_experiment(artifacts: Path, rounds: int) -> dict:
     probability by up to 0.03. Kept here so the decision can be re-measured on other data.
     """
     from chestxray.data.preprocess import decode_image, prepare_image
-    from chestxray.model.classifier import Classifier
+    from chestxray.model.predictor import Predictor
 
-    clf = Classifier.from_artifacts(artifacts)
+    clf = Predictor.from_artifacts(artifacts)
     datas, size = [p.read_bytes() for p in FULLSIZE], clf.image_size
     ways = {"full": lambda d: prepare_image(decode_image(d), size),
             "reduced": lambda d: prepare_image(_reduced_decode(d, size), size)}
@@ -110,7 +110,7 @@ def reduced_decoding_experiment(artifacts: Path, rounds: int) -> dict:
                 way(data)
                 times[name].append(time.perf_counter() - started)
     x = {name: np.stack([way(d) for d in datas]) for name, way in ways.items()}
-    p = {name: clf.probabilities(v) for name, v in x.items()}
+    p = {name: clf.served_probabilities(v) for name, v in x.items()}
     return {"images": len(datas), "decode_preprocess_full": percentiles(times["full"]),
             "decode_preprocess_reduced": percentiles(times["reduced"]),
             "input_max_abs_diff": float(np.abs(x["full"] - x["reduced"]).max()),

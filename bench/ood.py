@@ -47,7 +47,7 @@ def altered_xrays(clf, paths: list[str]) -> dict:
     out = {}
     for name, change in changes.items():
         predictions = clf.predict_arrays(np.stack([prepare_image(change(g), clf.image_size) for g in grays]))
-        out[name] = shares([clf.ood_verdict(p) for p in predictions])
+        out[name] = shares([p.verdict for p in predictions])
     return out
 
 
@@ -55,7 +55,8 @@ def run(artifacts: Path, params_path: Path) -> dict:
     """The reference stage on `artifacts` into a temporary folder, timed, plus the altered X-rays."""
     import pandas as pd
 
-    from chestxray.model.classifier import Classifier
+    from chestxray.model.artifacts import ModelFiles
+    from chestxray.model.predictor import Predictor
     from chestxray.pipeline import reference
     from chestxray.pipeline.reference import subset
     from chestxray.settings import load_params
@@ -66,8 +67,8 @@ def run(artifacts: Path, params_path: Path) -> dict:
         summary = reference.reference(params, None, artifacts / "data", artifacts / "training",
                                       artifacts / "evaluation", Path(tmp))
         stage_s = time.perf_counter() - started
-        clf = Classifier.from_dirs(artifacts / "training", artifacts / "evaluation", backend="keras",
-                                   reference_dir=tmp)
+        clf = Predictor.load(ModelFiles(artifacts / "training", artifacts / "evaluation", reference_dir=Path(tmp)),
+                             backend="keras")
         manifest = pd.read_csv(artifacts / "data" / "manifest.csv")
         test = manifest[manifest.split == "test"]
         paths = subset([str(artifacts / "data" / p) for p in test.path], list(test.label), ALTERED_IMAGES,

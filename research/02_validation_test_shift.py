@@ -20,7 +20,8 @@ from sklearn.preprocessing import StandardScaler
 
 from chestxray.data.preprocess import decode_image, prepare_image
 from chestxray.evaluation.corruptions import CORRUPTIONS, corrupt
-from chestxray.model.classifier import Classifier
+from chestxray.model.artifacts import ModelFiles
+from chestxray.model.predictor import Predictor
 from chestxray.pipeline.evaluate import fit_on_validation, score
 from chestxray.settings import load_params
 
@@ -47,7 +48,7 @@ print(sharpness.pivot_table(index="split", columns="label", values="laplacian_va
 # validation cost ~5 min of the 30-minute pipeline. Cheaper, k corruptions drawn at random per
 # validation image (3 draws each): k = 1 gives ECE 0.085-0.088; k = 2 and 4 give 0.080-0.086, accuracy
 # 0.897-0.901, and flags on 6-19% of test depending on the draw. Not adopted either.
-clf = Classifier.from_dirs(A / "training", onnx_path=A / "export" / "model.onnx", backend="auto")
+clf = Predictor.load(ModelFiles(A / "training", onnx_path=A / "export" / "model.onnx"), backend="auto")
 classes, normal = clf.classes, clf.normal_class
 y = {s: np.array([classes.index(c) for c in splits[s].label]) for s in ("val", "test")}
 raw = {s: clf.raw_probabilities(np.stack([prepare_image(g, clf.image_size) for g in grays[s]])) for s in y}

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from chestxray.model.classifier import Classifier
+from chestxray.model.artifacts import ModelFiles
+from chestxray.model.predictor import Predictor
 from chestxray.pipeline.evaluate import fit_on_validation, score
 from chestxray.settings import load_params
 
@@ -33,8 +34,8 @@ rows = {s: manifest[manifest.split == s] for s in ("val", "test")}
 # %% Each run's own probabilities on validation and test (no temperature), through the shared preprocessing.
 raw, names = [], []
 for run in runs:
-    clf = Classifier.from_dirs(run, backend="keras")
-    raw.append({s: clf.probabilities_for_files([str(DATA / p) for p in r.path]) for s, r in rows.items()})
+    clf = Predictor.load(ModelFiles(run), backend="keras")
+    raw.append({s: clf.served_probabilities_for_files([str(DATA / p) for p in r.path]) for s, r in rows.items()})
     names.append(clf.version)
 classes, normal = clf.classes, clf.normal_class
 y = {s: np.array([classes.index(c) for c in r.label]) for s, r in rows.items()}

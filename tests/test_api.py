@@ -341,10 +341,10 @@ def test_real_server(app, xrays):
 # --- serving matches training ---------------------------------------------------------------------
 
 def test_full_size_uploads_match_training_style_copies(client, app, xrays, tmp_path):
-    """/predict on each full-size original == Classifier on its 224x224 RGB JPEG copy made like the dataset."""
+    """/predict on each full-size original == Predictor on its 224x224 RGB JPEG copy made like the dataset."""
     from PIL import Image
 
-    clf = app.extensions["chestxray"].classifier
+    clf = app.extensions["chestxray"].predictor
     assert len(xrays) == 16
     for path in xrays:
         copy = tmp_path / path.name

@@ -9,7 +9,7 @@ import pytest
 
 from chestxray.evaluation.calibration import apply_temperature, choose_low_confidence, fit_temperature
 from chestxray.evaluation.metrics import choose_threshold, expected_calibration_error
-from chestxray.model.classifier import Classifier
+from chestxray.model.predictor import Predictor
 from chestxray.pipeline.evaluate import fit_on_validation
 from conftest import copy_model
 
@@ -104,7 +104,7 @@ def test_evaluate_calibrates_first_then_chooses_both_thresholds_on_served_probab
     json.dumps(thresholds)  # thresholds.json must be plain JSON
 
 
-# --- served by the Classifier, on both backends ---------------------------------------------------
+# --- served by the Predictor, on both backends ---------------------------------------------------
 
 @pytest.fixture(scope="module")
 def calibrated(tiny_exported, tmp_path_factory):
@@ -116,15 +116,15 @@ def calibrated(tiny_exported, tmp_path_factory):
 
 
 def test_classifier_applies_the_temperature_on_both_backends(calibrated, tiny_exported, kermany224):
-    x = np.stack([Classifier.from_artifacts(tiny_exported, backend="keras").prepare(p.read_bytes())
+    x = np.stack([Predictor.from_artifacts(tiny_exported, backend="keras").prepare(p.read_bytes())
                   for p in sorted((kermany224 / "test").glob("*/*.jpeg"))[::100]])
     for backend in ("onnx", "keras"):
-        plain = Classifier.from_artifacts(tiny_exported, backend=backend)
-        clf = Classifier.from_artifacts(calibrated, backend=backend)
-        assert clf.backend == backend and clf.temperature == 2.0 and plain.temperature == 1.0
-        raw = plain.probabilities(x)
+        plain = Predictor.from_artifacts(tiny_exported, backend=backend)
+        clf = Predictor.from_artifacts(calibrated, backend=backend)
+        assert clf.backend == backend and clf.calibration.temperature == 2.0 and plain.calibration.temperature == 1.0
+        raw = plain.served_probabilities(x)
         assert np.allclose(clf.raw_probabilities(x), raw, atol=1e-6)
-        served = clf.probabilities(x)
+        served = clf.served_probabilities(x)
         assert np.allclose(served, apply_temperature(raw, 2.0), atol=1e-5)
         predictions = clf.predict_arrays(x)
         for p, row in zip(predictions, served):
@@ -156,5 +156,5 @@ def test_tta_mismatch_with_the_thresholds_is_logged(calibrated, caplog, tmp_path
     thresholds = json.loads((root / "evaluation" / "thresholds.json").read_text())
     (root / "evaluation" / "thresholds.json").write_text(json.dumps({**thresholds, "tta": False}))
     with caplog.at_level(logging.WARNING):
-        Classifier.from_artifacts(root, backend="keras", tta=True)
+        Predictor.from_artifacts(root, backend="keras", tta=True)
     assert "chosen without test-time augmentation but it is on now" in caplog.text

@@ -11,7 +11,7 @@ import cv2
 import pytest
 
 from chestxray.cli import main
-from chestxray.model.classifier import Classifier
+from chestxray.model.predictor import Predictor
 
 COLUMNS = ["file", "predicted_class", "confidence", "p_NORMAL", "p_PNEUMONIA", "low_confidence", "warnings",
            "ood_distance", "error"]
@@ -57,8 +57,8 @@ def test_predict_folder_with_heatmaps(inputs, tiny_artifacts, tmp_path, capsys):
     overlay = cv2.imread(str(heatmaps / "NORMAL__NORMAL2-IM-1427-0001.gradcam.png"))
     assert overlay.shape[:2] == cv2.imread(str(first), cv2.IMREAD_GRAYSCALE).shape
 
-    # The CLI's numbers are the Classifier's.
-    clf = Classifier.from_artifacts(tiny_artifacts)
+    # The CLI's numbers are the Predictor's.
+    clf = Predictor.from_artifacts(tiny_artifacts)
     expected = clf.predict_bytes(first.read_bytes())
     row = next(r for r in good if r["file"] == str(first))
     assert row["predicted_class"] == expected.predicted_class
@@ -74,7 +74,7 @@ def test_predict_with_tta_matches_the_classifier_with_tta(inputs, varying_export
         assert main(["predict", *map(str, files), "--out", str(out), "--artifacts", str(varying_exported),
                      *(["--tta"] if tta else [])]) == 0
         rows[tta] = read_rows(out)[1]
-    clf = Classifier.from_artifacts(varying_exported, tta=True)
+    clf = Predictor.from_artifacts(varying_exported, tta=True)
     for path, row, plain in zip(files, rows[True], rows[False], strict=True):
         expected = clf.predict_bytes(path.read_bytes()).probabilities["PNEUMONIA"]
         assert float(row["p_PNEUMONIA"]) == pytest.approx(expected, abs=1e-5)

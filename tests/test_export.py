@@ -14,7 +14,9 @@ from conftest import copy_model as _copy_model
 from conftest import real_test_data as _data_dir
 from conftest import write_manifest
 
-from chestxray.model.classifier import ONNX_FILE, Classifier, ModelNotFound, choose_backend
+from chestxray.model.artifacts import ONNX_FILE, ModelFiles, ModelNotFound
+from chestxray.model.network import choose_backend
+from chestxray.model.predictor import Predictor
 from chestxray.model.onnx_export import FEATURE_TOLERANCE, META_KERAS_SHA256, TOLERANCE, OnnxModelError, OnnxRunner
 from chestxray.pipeline import export as export_stage
 from chestxray.serving import create_app
@@ -67,39 +69,45 @@ def test_failed_check_fails_the_stage_in_one_line(tiny_artifacts, kermany224, tm
 # --- the two backends agree -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def backends(exported) -> dict[str, Classifier]:
-    return {b: Classifier.from_artifacts(exported, backend=b) for b in ("onnx", "keras")}
+def backends(exported) -> dict[str, Predictor]:
+    return {b: Predictor.from_artifacts(exported, backend=b) for b in ("onnx", "keras")}
 
 
 def test_onnx_and_keras_probabilities_agree_on_real_images(backends, originals, kermany224):
     assert {b: c.backend for b, c in backends.items()} == {"onnx": "onnx", "keras": "keras"}
     test224 = sorted((kermany224 / "test").glob("*/*.jpeg"))[::40]
     x = np.stack([backends["keras"].prepare(p.read_bytes()) for p in [*originals, *test224]])
-    onnx, keras = backends["onnx"].probabilities(x, batch_size=8), backends["keras"].probabilities(x, batch_size=8)
+    onnx, keras = backends["onnx"].served_probabilities(x, batch_size=8), backends["keras"].served_probabilities(x, batch_size=8)
     assert onnx.shape == keras.shape == (len(x), 2)
     assert float(np.max(np.abs(onnx - keras))) <= TOLERANCE
     assert (onnx.argmax(1) == keras.argmax(1)).all()
-    single = backends["onnx"].probabilities(x[:1])  # batch of one, as /predict runs it
+    single = backends["onnx"].served_probabilities(x[:1])  # batch of one, as /predict runs it
     assert float(np.max(np.abs(single - keras[:1]))) <= TOLERANCE
 
 
 def test_auto_picks_onnx_when_exported_and_keras_when_not(exported, tiny_artifacts, monkeypatch):
     onnx_path, missing = exported / "export" / ONNX_FILE, tiny_artifacts / "export" / ONNX_FILE
-    monkeypatch.delenv("CHESTXRAY_BACKEND", raising=False)
     assert choose_backend("auto", onnx_path) == "onnx"
     assert choose_backend(None, onnx_path) == "onnx"  # auto is the default
     assert choose_backend("auto", missing) == "keras"
     assert choose_backend("keras", onnx_path) == "keras"
-    monkeypatch.setenv("CHESTXRAY_BACKEND", "keras")
-    assert choose_backend(None, onnx_path) == "keras"
     with pytest.raises(ModelNotFound, match="export"):
         choose_backend("onnx", missing)
-    with pytest.raises(ValueError, match="CHESTXRAY_BACKEND"):
+    with pytest.raises(ValueError, match="backend 'tensorrt': choose one of auto, onnx, keras"):
         choose_backend("tensorrt", onnx_path)
-    assert Classifier.from_artifacts(exported, backend="auto").backend == "onnx"
-    assert Classifier.from_artifacts(tiny_artifacts, backend="auto").backend == "keras"
+    assert Predictor.from_artifacts(exported, backend="auto").backend == "onnx"
+    assert Predictor.from_artifacts(tiny_artifacts, backend="auto").backend == "keras"
     monkeypatch.setenv("CHESTXRAY_BACKEND", "onnx")  # set for the app: must not break evaluate / export
-    assert Classifier.from_dirs(exported / "training").backend == "keras"
+    assert Predictor.load(ModelFiles(exported / "training")).backend == "keras"
+    # Only the serving configuration reads the variable; a wrong value is named in the app's answer.
+    health = create_app({"CHESTXRAY_ARTIFACTS": str(exported), "GEMINI_API_KEY": ""}).test_client().get("/health")
+    assert health.get_json()["backend"] == "onnx"
+    monkeypatch.setenv("CHESTXRAY_BACKEND", "keras")
+    health = create_app({"CHESTXRAY_ARTIFACTS": str(exported), "GEMINI_API_KEY": ""}).test_client().get("/health")
+    assert health.get_json()["backend"] == "keras"
+    monkeypatch.setenv("CHESTXRAY_BACKEND", "tensorrt")
+    health = create_app({"CHESTXRAY_ARTIFACTS": str(exported), "GEMINI_API_KEY": ""}).test_client().get("/health")
+    assert health.status_code == 503 and "CHESTXRAY_BACKEND='tensorrt'" in health.get_json()["message"]
 
 
 def test_corrupted_onnx_fails_clearly(exported, tmp_path):
@@ -107,7 +115,7 @@ def test_corrupted_onnx_fails_clearly(exported, tmp_path):
     (root / "export").mkdir()
     (root / "export" / ONNX_FILE).write_bytes(b"\x08\x07this is not an onnx model" * 10)
     with pytest.raises(OnnxModelError, match=r"cannot load the ONNX model .*model\.onnx.*export stage"):
-        Classifier.from_artifacts(root, backend="auto")
+        Predictor.from_artifacts(root, backend="auto")
     health = create_app({"CHESTXRAY_ARTIFACTS": str(root), "GEMINI_API_KEY": ""}).test_client().get("/health")
     assert health.status_code == 503 and "cannot load the ONNX model" in health.get_json()["message"]
 
@@ -123,9 +131,9 @@ def test_stale_onnx_is_not_served(exported, tmp_path):
         if entry.key == META_KERAS_SHA256:
             entry.value = "0" * 64
     onnx.save(proto, str(root / "export" / ONNX_FILE))
-    assert Classifier.from_artifacts(root, backend="auto").backend == "keras"
+    assert Predictor.from_artifacts(root, backend="auto").backend == "keras"
     with pytest.raises(OnnxModelError, match="not exported from this model.keras"):
-        Classifier.from_artifacts(root, backend="onnx")
+        Predictor.from_artifacts(root, backend="onnx")
 
 
 def _fit_reference(root: Path, kermany224: Path) -> None:
@@ -152,14 +160,14 @@ def test_onnx_features_give_the_keras_distances(ood_artifacts, kermany224, origi
         shutil.copytree(ood_artifacts / part, root / part)
     export_stage.convert_and_check(root / "training", export_stage.split_paths(_data_dir(tmp_path, kermany224, 2)),
                                    root / "export", TOLERANCE)
-    onnx, keras = (Classifier.from_artifacts(root, backend=b) for b in ("onnx", "keras"))
-    assert onnx.backend == "onnx" and onnx.ood is not None and keras.ood is not None
+    onnx, keras = (Predictor.from_artifacts(root, backend=b) for b in ("onnx", "keras"))
+    assert onnx.backend == "onnx" and onnx.check.on and keras.check.on
     photo = load_sample_image("china.jpg")
     x = np.stack([keras.prepare(p.read_bytes()) for p in originals[:6]] + [keras.prepare(_png(photo))])
     distances = {name: [p.ood_distance for p in clf.predict_arrays(x)]
                  for name, clf in (("onnx", onnx), ("keras", keras))}
     assert distances["onnx"] == pytest.approx(distances["keras"], rel=1e-3)
-    assert [onnx.refuses(p) for p in onnx.predict_arrays(x)] == [False] * 6 + [True]
+    assert [p.verdict == "refuse" for p in onnx.predict_arrays(x)] == [False] * 6 + [True]
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -171,17 +179,18 @@ def _png(rgb: np.ndarray) -> bytes:
 @pytest.mark.slow
 def test_an_export_without_features_turns_the_check_off(exported, kermany224, tmp_path):
     """An export made before the features output: still served, the check off with what to do."""
-    from chestxray.model.classifier import MODEL_FILE, file_sha256
+    from chestxray.hashing import file_sha256
+    from chestxray.model.artifacts import MODEL_FILE
     from chestxray.model.onnx_export import export_onnx
 
     root = _copy_model(exported, tmp_path)
     _fit_reference(root, kermany224)
-    clf = Classifier.from_dirs(root / "training", backend="keras")
+    clf = Predictor.load(ModelFiles(root / "training"), backend="keras")
     export_onnx(clf.model, root / "export" / ONNX_FILE, clf.image_size,  # probabilities only, as before
                 {META_KERAS_SHA256: file_sha256(root / "training" / MODEL_FILE)})
-    old = Classifier.from_artifacts(root, backend="onnx")
-    assert old.backend == "onnx" and old.ood is None
-    assert "no features output" in old.ood_info()["reason"] and "dvc repro export" in old.ood_info()["reason"]
+    old = Predictor.from_artifacts(root, backend="onnx")
+    assert old.backend == "onnx" and not old.check.on
+    assert "no features output" in old.check.info()["reason"] and "dvc repro export" in old.check.info()["reason"]
     assert old.predict_arrays(np.full((1, 96, 96, 3), 128, np.float32))[0].ood_distance is None
 
 

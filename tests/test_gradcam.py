@@ -9,12 +9,13 @@ from chestxray.data.preprocess import decode_image
 from chestxray.explain import gradcam
 from chestxray.model.backbones import BACKBONES
 from chestxray.model.build import build_model
-from chestxray.model.classifier import Classifier
+from chestxray.model.network import Network
+from chestxray.model.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
-def clf(tiny_artifacts) -> Classifier:
-    return Classifier.from_artifacts(tiny_artifacts)
+def clf(tiny_artifacts) -> Predictor:
+    return Predictor.from_artifacts(tiny_artifacts)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_every_backbone(backbone):
     """Built tiny with no weights: the feature map is found and the heatmap matches the original's size."""
     size = 75  # Xception's smallest input is 71
     model = build_model(backbone, size, 3, weights="none", dropout=0.0)
-    clf = Classifier(model, {"classes": ["A", "B", "C"], "image_size": size})
+    clf = Predictor(Network(model), {"classes": ["A", "B", "C"], "image_size": size})
     rng = np.random.default_rng(0)
     original = rng.integers(0, 256, (150, 210), dtype=np.uint8)
     heatmaps = [gradcam.explain(clf, original, c).heatmap for c in clf.classes]

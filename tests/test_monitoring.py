@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_api import png_bytes
 
 from chestxray.evaluation import drift
-from chestxray.model.classifier import Prediction
+from chestxray.model.predictor import Prediction
 from chestxray.serving import create_app
 from chestxray.serving.monitoring import Monitor
 

@@ -117,25 +117,25 @@ def test_registered_model_loads_from_registry(project, tmp_path, monkeypatch):
     import numpy as np
     from mlflow import MlflowClient
 
-    from chestxray.model.classifier import Classifier
+    from chestxray.model.registry import load_registered
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    clf = Classifier.from_registry("chestxray", "champion")
+    clf = load_registered("chestxray", "champion")
     assert list(tmp_path.iterdir()) == []  # loaded into memory, the download removed: reloads leave nothing behind
     assert clf.classes == list(CLASSES) and clf.version.startswith("chestxray/")
     assert clf.card is not None and "# Model card" in clf.card  # from the run's artifacts
-    assert clf.drift_reference is not None  # the app's drift monitor compares with the run's reference
-    assert clf.temperature != 1.0  # thresholds.json travels with the registered model
+    assert clf.check.drift_reference is not None  # the app's drift monitor compares with the run's reference
+    assert clf.calibration.temperature != 1.0  # thresholds.json travels with the registered model
     # The run's ONNX export and "not a chest X-ray" reference come with it, and belong to this model:
     # the export answers like the registered Keras model, the reference is the one its run measured.
-    assert clf.backend == "onnx" and clf.ood is not None, clf.ood_off_reason
-    keras_clf = Classifier.from_registry("chestxray", "champion", backend="keras")
+    assert clf.backend == "onnx" and clf.check.on, clf.check.off_reason
+    keras_clf = load_registered("chestxray", "champion", backend="keras")
     images = sorted((repo / "artifacts/data/images/test").glob("*/*.jpeg"))[:4]
     batch = np.stack([clf.prepare(path.read_bytes()) for path in images])
-    assert np.abs(clf.probabilities(batch) - keras_clf.probabilities(batch)).max() <= 1e-4
+    assert np.abs(clf.served_probabilities(batch) - keras_clf.served_probabilities(batch)).max() <= 1e-4
     run = MlflowClient().get_run(MlflowClient().get_model_version_by_alias("chestxray", "champion").run_id)
-    assert clf.ood.refuse == pytest.approx(run.data.metrics["ood.refuse_distance"])
+    assert clf.check.detector.refuse == pytest.approx(run.data.metrics["ood.refuse_distance"])
     assert all(p.ood_distance is not None for p in clf.predict_arrays(batch))
 
 
@@ -144,7 +144,7 @@ def test_registry_version_without_model_hash_serves_keras_without_the_check(proj
     import mlflow
     from mlflow import MlflowClient
 
-    from chestxray.model.classifier import Classifier
+    from chestxray.model.registry import load_registered
     from chestxray.tracking import KERAS_SHA256_TAG
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
@@ -152,9 +152,9 @@ def test_registry_version_without_model_hash_serves_keras_without_the_check(proj
     champion = client.get_model_version_by_alias("chestxray", "champion")
     client.delete_model_version_tag("chestxray", champion.version, KERAS_SHA256_TAG)  # as registered before the tag
     try:
-        clf = Classifier.from_registry("chestxray", "champion")
+        clf = load_registered("chestxray", "champion")
     finally:
         client.set_model_version_tag("chestxray", champion.version, KERAS_SHA256_TAG,
                                      champion.tags[KERAS_SHA256_TAG])
-    assert clf.backend == "keras" and clf.ood is None
-    assert "registered without the hash" in clf.ood_off_reason and "dvc repro -f -s evaluate" in clf.ood_off_reason
+    assert clf.backend == "keras" and not clf.check.on
+    assert "registered without the hash" in clf.check.off_reason and "dvc repro -f -s evaluate" in clf.check.off_reason

@@ -18,7 +18,8 @@ import threading
 
 import pytest
 
-from chestxray.model.classifier import INFO_FILE, Classifier, ModelNotFound
+from chestxray.model.artifacts import INFO_FILE, ModelFiles, ModelNotFound
+from chestxray.model.predictor import Predictor
 from dvc_project import CLASSES, make_project, run_ok
 
 TRAIN_UNDER_WAY = "cached activations"  # printed by the train stage once its activation cache is built
@@ -28,7 +29,7 @@ def test_training_output_without_model_info_is_reported_as_incomplete(tiny_artif
     training = shutil.copytree(tiny_artifacts / "training", tmp_path / "training")
     (training / INFO_FILE).unlink()  # train writes it last: a run killed before that leaves no model_info.json
     with pytest.raises(ModelNotFound, match="incomplete .*no model_info.json.*run `dvc repro`"):
-        Classifier.from_dirs(training)
+        Predictor.load(ModelFiles(training))
 
 
 def _wait_for(repro: subprocess.Popen, lines: list[str], marker: str) -> None:
@@ -91,7 +92,7 @@ def test_killed_in_training_then_repro_finishes_and_concurrent_runs_are_refused(
 
     metrics = json.loads((artifacts / "evaluation" / "metrics.json").read_text())
     assert 0.0 <= metrics["roc_auc"] <= 1.0 and metrics["n_test"] > 0
-    clf = Classifier.from_artifacts(artifacts)
+    clf = Predictor.from_artifacts(artifacts)
     image = next((artifacts / "data" / "images" / "test" / CLASSES[0]).glob("*.jpeg")).read_bytes()
     prediction = clf.predict_bytes(image)
     assert prediction.predicted_class in CLASSES and abs(sum(prediction.probabilities.values()) - 1) < 1e-4

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from chestxray.evaluation.corruptions import CORRUPTIONS, corrupt
-from chestxray.model.classifier import Classifier
+from chestxray.model.predictor import Predictor
 from chestxray.model.tta import shift, tta_probabilities, tta_views
 from chestxray.pipeline import robustness as stage
 from conftest import copy_model, real_test_data
@@ -55,13 +55,13 @@ def test_classifier_tta_averages_the_views_then_applies_the_temperature_on_both_
     paths = sorted((kermany224 / "test").glob("*/*.jpeg"))[::150]
     served = {}
     for backend in ("onnx", "keras"):
-        clf = Classifier.from_artifacts(varying_exported, backend=backend, tta=True)
-        assert clf.backend == backend and clf.temperature == 1.5
+        clf = Predictor.from_artifacts(varying_exported, backend=backend, tta=True)
+        assert clf.backend == backend and clf.calibration.temperature == 1.5
         x = np.stack([clf.prepare(p.read_bytes()) for p in paths])
         expected = apply_temperature(np.mean([clf.raw_probabilities(v) for v in tta_views(x)], axis=0), 1.5)
-        served[backend] = clf.probabilities(x)
+        served[backend] = clf.served_probabilities(x)
         assert np.allclose(served[backend], expected, atol=1e-6)
-        assert not np.allclose(served[backend], clf.probabilities(x, tta=False), atol=1e-4)
+        assert not np.allclose(served[backend], clf.served_probabilities(x, tta=False), atol=1e-4)
         assert clf.predict_arrays(x[:1])[0].probabilities["PNEUMONIA"] == pytest.approx(served[backend][0, 1],
                                                                                         abs=1e-6)
     assert np.allclose(served["onnx"], served["keras"], atol=1e-4)
@@ -73,7 +73,7 @@ def test_app_setting_turns_tta_on(varying_exported, fullsize_dir):
     from chestxray.serving import create_app
 
     xray = sorted(fullsize_dir.glob("*/*.jpeg"))[0].read_bytes()
-    expected = Classifier.from_artifacts(varying_exported, tta=True).predict_bytes(xray)
+    expected = Predictor.from_artifacts(varying_exported, tta=True).predict_bytes(xray)
     client = create_app({"CHESTXRAY_ARTIFACTS": str(varying_exported), "CHESTXRAY_TTA": "1",
                          "GEMINI_API_KEY": ""}).test_client()
     assert client.get("/model/info").get_json()["tta"] is True
@@ -170,13 +170,13 @@ def test_stage_clean_row_is_what_the_classifier_serves(robustness_run):
     from chestxray.data.preprocess import load_image
     from chestxray.evaluation.metrics import classification_metrics
 
-    clf = Classifier.from_artifacts(robustness_run, backend="onnx")
+    clf = Predictor.from_artifacts(robustness_run, backend="onnx")
     manifest = pd.read_csv(robustness_run / "data" / "manifest.csv")
     labels = np.array([clf.classes.index(c) for c in manifest.label])
     chosen = stage.subset(labels, 8, seed=3)
     x = np.stack([load_image(manifest.path[i], clf.image_size) for i in chosen])
-    expected, _ = classification_metrics(labels[chosen], clf.probabilities(x), clf.classes, clf.normal_class,
-                                         clf.decision_threshold)
+    expected, _ = classification_metrics(labels[chosen], clf.served_probabilities(x), clf.classes, clf.normal_class,
+                                         clf.calibration.decision_threshold)
     clean = pd.read_csv(robustness_run / "robustness" / "table.csv").iloc[0]
     assert clean.accuracy == pytest.approx(expected["accuracy"]) and clean.ece == pytest.approx(expected["ece"],
                                                                                                  abs=1e-5)

@@ -2,7 +2,7 @@
 
 Public API:
     chestxray.load_image(path_or_bytes, image_size)  -> model input array
-    chestxray.Classifier.from_artifacts("artifacts") -> a trained model ready to predict
+    chestxray.model.predictor.Predictor.from_artifacts("artifacts") -> a trained model ready to predict
 """
 import os
 
@@ -11,14 +11,5 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from chestxray.data.preprocess import ImageError, decode_image, load_image, prepare_image  # noqa: E402
 
-__all__ = ["ImageError", "decode_image", "load_image", "prepare_image", "Classifier"]
+__all__ = ["ImageError", "decode_image", "load_image", "prepare_image"]
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    # Classifier pulls in TensorFlow: import it only when asked for.
-    if name == "Classifier":
-        from chestxray.model.classifier import Classifier
-
-        return Classifier
-    raise AttributeError(name)

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from chestxray.model.classifier import BACKENDS  # no TensorFlow at import time: --help stays fast
+from chestxray.model.network import BACKENDS  # no TensorFlow at import time: --help stays fast
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm"}
 
@@ -36,27 +36,12 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def _read(path: Path):
-    """Decoded grayscale image, or the error in words (the same acceptance rules as the API)."""
-    from chestxray.serving.errors import ApiError
-    from chestxray.serving.uploads import check_image
-
-    try:
-        return check_image(path.read_bytes()), None
-    except ApiError as exc:
-        return None, exc.message
-    except OSError as exc:
-        return None, f"cannot read file ({exc.strerror or type(exc).__name__})"
-
-
 def predict_command(args: argparse.Namespace) -> int:
     """Predict every image under the given paths into a CSV, in batches; optional Grad-CAM PNGs."""
-    import numpy as np
     from tqdm import tqdm
 
-    from chestxray.data.preprocess import prepare_image
-    from chestxray.model.classifier import Classifier, ModelNotFound
-    from chestxray.serving.api import not_a_chest_xray_error
+    from chestxray.model.artifacts import ModelNotFound
+    from chestxray.model.predictor import Predictor
 
     files = list(iter_images(args.paths))  # paths only; images are read one batch at a time
     missing = [str(p) for p, _ in files if not p.exists()]
@@ -64,14 +49,14 @@ def predict_command(args: argparse.Namespace) -> int:
         print(f"chestxray: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return 1
     try:
-        clf = Classifier.from_artifacts(args.artifacts, backend=args.backend, tta=args.tta)
+        predictor = Predictor.from_artifacts(args.artifacts, backend=args.backend, tta=args.tta)
     except (ModelNotFound, ValueError, RuntimeError) as exc:  # no model, bad backend, unloadable model.onnx
         print(f"chestxray: {exc}", file=sys.stderr)
         return 1
     heatmaps = Path(args.heatmaps) if args.heatmaps else None
     if heatmaps:
         heatmaps.mkdir(parents=True, exist_ok=True)
-    columns = ["file", "predicted_class", "confidence", *[f"p_{c}" for c in clf.classes], "low_confidence",
+    columns = ["file", "predicted_class", "confidence", *[f"p_{c}" for c in predictor.classes], "low_confidence",
                "warnings", "ood_distance", "error"]
     used_names: set[str] = set()
     errors = 0
@@ -79,24 +64,17 @@ def predict_command(args: argparse.Namespace) -> int:
         writer = csv.DictWriter(out, fieldnames=columns)
         writer.writeheader()
         for batch in _batches(files, args.batch_size):
-            read = [(path, name, *_read(path)) for path, name in batch]
-            inputs = [prepare_image(gray, clf.image_size) for _, _, gray, error in read if error is None]
-            predictions = iter(clf.predict_arrays(np.stack(inputs)) if inputs else [])
-            for path, name, gray, error in read:
-                if error is not None:
+            # The app's rules: the same acceptance checks, and no class for what is not a chest X-ray.
+            for (path, name), result in zip(batch, predictor.predict_images([path for path, _ in batch]), strict=True):
+                if result.error is not None:
                     errors += 1
-                    writer.writerow({"file": str(path), "error": error})
+                    distance = result.prediction.ood_distance if result.prediction is not None else None
+                    writer.writerow({"file": str(path), "ood_distance": distance, "error": result.error.message})
                     continue
-                prediction = next(predictions)
-                refused = not_a_chest_xray_error(clf, prediction)
-                if refused is not None:  # the app's rule: no class for what is not a chest X-ray
-                    errors += 1
-                    writer.writerow({"file": str(path), "ood_distance": prediction.ood_distance,
-                                     "error": refused.message})
-                    continue
-                writer.writerow(_row(path, prediction))
+                writer.writerow(_row(path, result.prediction))
                 if heatmaps:
-                    _write_heatmap(clf, gray, prediction.predicted_class, heatmaps, _unique(name, used_names))
+                    _write_heatmap(predictor, result.image, result.prediction.predicted_class, heatmaps,
+                                   _unique(name, used_names))
             bar.update(len(batch))
     print(f"{len(files) - errors} predicted, {errors} unreadable or not chest X-rays -> {args.out}", file=sys.stderr)
     return 0
@@ -119,10 +97,10 @@ def _unique(name: str, used: set[str]) -> str:
     return candidate
 
 
-def _write_heatmap(clf, gray, class_name: str, folder: Path, name: str) -> None:
+def _write_heatmap(predictor, gray, class_name: str, folder: Path, name: str) -> None:
     from chestxray.explain.gradcam import explain
 
-    (folder / f"{name}.gradcam.png").write_bytes(explain(clf, gray, class_name).png())
+    (folder / f"{name}.gradcam.png").write_bytes(explain(predictor, gray, class_name).png())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,9 +138,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--heatmaps", metavar="DIR", help="also write a Grad-CAM overlay PNG per image into DIR")
     p.add_argument("--artifacts", default="artifacts", help="the pipeline's artifacts folder (default: artifacts)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per model call (default: 16)")
-    p.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="auto: ONNX Runtime if artifacts/export/model.onnx is there, else Keras "
-                        "(default: $CHESTXRAY_BACKEND, else auto)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto (default): ONNX Runtime if artifacts/export/model.onnx is there, else Keras")
     p.add_argument("--tta", action="store_true",
                    help="average each prediction over test-time augmentation views (flip, shifts; 4x slower)")
     p.set_defaults(handler=predict_command)

@@ -8,7 +8,6 @@ whose message is one line saying what is wrong and what to set.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import lzma
 import re
 import tarfile
@@ -20,6 +19,8 @@ from typing import Callable
 from urllib.parse import urlparse
 
 import requests
+
+from chestxray.hashing import file_sha256
 
 HINT = "set data.source in params.yaml to a folder, archive, URL or Google Drive link"
 SPLITS = ("train", "val", "test")
@@ -38,15 +39,6 @@ class DataSourceError(RuntimeError):
 def _one_line(text: str) -> str:
     """The first non-empty line of a (library's) message, for embedding in ours."""
     return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def source_kind(source: str) -> str:

@@ -1,7 +1,7 @@
 """Calibrated confidence: temperature scaling (Guo et al. 2017) and the low-confidence threshold.
 
 Both are fitted on the validation split by the evaluate stage and stored in thresholds.json; the
-Classifier applies the temperature to every probability it serves (app, batch CLI, robustness).
+Predictor applies the temperature to every probability it serves (app, batch CLI, robustness).
 
 The model ends in a softmax, so log p equals its logits up to a constant per row and
 softmax(log p / T) is exactly softmax(logits / T): no second model output is needed.

@@ -97,7 +97,7 @@ def to_png(image: np.ndarray, max_side: int | None = None) -> bytes:
 
 
 def explain(clf, gray: np.ndarray, class_name: str, alpha: float = DEFAULT_ALPHA) -> GradCam:
-    """Grad-CAM for `class_name` on a decoded grayscale original, using a loaded Classifier `clf`."""
+    """Grad-CAM for `class_name` on a decoded grayscale original, using a loaded Predictor `clf`."""
     from chestxray.data.preprocess import prepare_image
 
     if class_name not in clf.classes:

@@ -38,15 +38,16 @@ def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: P
 
     from chestxray import tracking
     from chestxray.evaluation.plots import roc_table, save_figures, write_plot_data
-    from chestxray.model.classifier import INFO_FILE, METRICS_FILE, THRESHOLDS_FILE, Classifier
+    from chestxray.model.artifacts import INFO_FILE, METRICS_FILE, THRESHOLDS_FILE, ModelFiles
+    from chestxray.model.predictor import Predictor
 
     # No evaluation dir: temperature 1, i.e. the network's own probabilities (TTA-averaged if asked).
-    clf = Classifier.from_dirs(model_dir, tta=bool(params.get("tta", False)))
-    classes, normal = clf.classes, clf.normal_class
+    predictor = Predictor.load(ModelFiles(model_dir), backend="keras", tta=bool(params.get("tta", False)))
+    classes, normal = predictor.classes, predictor.normal_class
     manifest = pd.read_csv(data_dir / "manifest.csv")
     rows = {s: manifest[manifest.split == s] for s in ("val", "test")}
     y = {s: np.array([classes.index(c) for c in r.label]) for s, r in rows.items()}
-    raw = {s: clf.probabilities_for_files([str(data_dir / p) for p in r.path]) for s, r in rows.items()}
+    raw = {s: predictor.served_probabilities_for_files([str(data_dir / p) for p in r.path]) for s, r in rows.items()}
 
     thresholds, probs = fit_on_validation(params, y, raw, classes, normal)
     metrics, tables = score(params, y, raw, probs, classes, normal, thresholds)
@@ -80,12 +81,12 @@ def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: P
         for figure in figures:
             mlflow.log_artifact(str(figure), "figures")
         mlflow.log_artifact(str(out / "predictions.csv"), "evaluation")
-        example = clf.prepare((data_dir / rows["test"].path.iloc[0]).read_bytes())[None]
+        example = predictor.prepare((data_dir / rows["test"].path.iloc[0]).read_bytes())[None]
         name = config["mlflow"]["registered_model"]
         # The registered Keras model outputs raw probabilities; the temperature travels in thresholds.json.
-        version = tracking.log_model(clf.model, example, clf.raw_probabilities(example),
+        version = tracking.log_model(predictor.model, example, predictor.raw_probabilities(example),
                                      [model_dir / INFO_FILE, out / THRESHOLDS_FILE, out / METRICS_FILE], name,
-                                     keras_sha256=clf.keras_sha256)
+                                     keras_sha256=predictor.keras_sha256)
         promoted = tracking.promote_if_better(name, version, "val_roc_auc", metrics["val"]["roc_auc"])
     print(f"registered {name} version {version}" + (" as champion" if promoted else " (champion unchanged)"))
 

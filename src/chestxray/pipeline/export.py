@@ -59,25 +59,26 @@ def convert_and_check(model_dir: Path, paths: list[str], out: Path, tolerance: f
     from chestxray.data.dataset import image_dataset
     from chestxray.model import onnx_export as X
     from chestxray.model.build import with_features
-    from chestxray.model.classifier import ONNX_FILE, Classifier
+    from chestxray.model.artifacts import ONNX_FILE, ModelFiles
+    from chestxray.model.predictor import Predictor
 
-    clf = Classifier.from_dirs(model_dir, backend="keras")
-    keras_sha = clf.keras_sha256
+    predictor = Predictor.load(ModelFiles(model_dir), backend="keras")
+    keras_sha = predictor.keras_sha256
     final = out / ONNX_FILE
     final.unlink(missing_ok=True)  # never leave an earlier export next to a new model
     with atomic_path(final) as partial:  # removed, not published, if the check fails
         # Both outputs: the app's "not a chest X-ray" check reads the features from the same run as the probabilities.
         try:
-            graph = with_features(clf.model)
+            graph = with_features(predictor.model)
         except ValueError:  # a model not made by build_model has no features: probabilities only, the check off
-            graph = clf.model
-        X.export_onnx(graph, partial, clf.image_size, {X.META_KERAS_SHA256: keras_sha})
+            graph = predictor.model
+        X.export_onnx(graph, partial, predictor.image_size, {X.META_KERAS_SHA256: keras_sha})
         runner = X.OnnxRunner.load(partial)
         # The same tf.data reader as training and evaluation; it keeps file order, so names line up with batches.
         batch = 32
         names = [[_short(p) for p in paths[i : i + batch]] for i in range(0, len(paths), batch)]
-        named = ((chunk, x.numpy()) for chunk, x in zip(names, image_dataset(paths, clf.image_size, batch)))
-        result = X.check_onnx(clf.outputs, runner.run, named, tolerance)
+        named = ((chunk, x.numpy()) for chunk, x in zip(names, image_dataset(paths, predictor.image_size, batch)))
+        result = X.check_onnx(predictor.raw_outputs, runner.run, named, tolerance)
         X.write_check(result, out / CHECK_FILE, keras_sha256=keras_sha, opset=X.OPSET)
         if not result.passed:
             raise ValueError(f"{result.failure()} (details in {out / CHECK_FILE})")
@@ -89,7 +90,7 @@ def export(config: dict, data_dir: Path, model_dir: Path, out: Path, tolerance: 
     import mlflow
 
     from chestxray import tracking
-    from chestxray.model.classifier import ONNX_FILE
+    from chestxray.model.artifacts import ONNX_FILE
 
     result = convert_and_check(model_dir, split_paths(data_dir), out, tolerance)
     size_mb = (out / ONNX_FILE).stat().st_size / 2**20

@@ -46,8 +46,8 @@ def write_model_card(data_dir: Path, model_dir: Path, evaluation_dir: Path, robu
     import pandas as pd
 
     from chestxray.evaluation.model_card import render_model_card
-    from chestxray.model.classifier import INFO_FILE, METRICS_FILE, MODEL_CARD_FILE, MODEL_FILE, THRESHOLDS_FILE
-    from chestxray.model.classifier import file_sha256
+    from chestxray.hashing import file_sha256
+    from chestxray.model.artifacts import INFO_FILE, METRICS_FILE, MODEL_CARD_FILE, MODEL_FILE, THRESHOLDS_FILE
 
     table_csv = robustness_dir / "table.csv"
     table = pd.read_csv(table_csv).to_dict("records") if table_csv.is_file() else None

@@ -81,15 +81,15 @@ def _quantiles(values: np.ndarray) -> dict:
         "max": round(float(np.max(values)), 3)}
 
 
-def measure_non_xrays(clf, detector) -> dict:
+def measure_non_xrays(predictor, detector) -> dict:
     """Distances and verdicts of the non-X-ray samples (read through the app's decoding and preprocessing)."""
+    from chestxray.data.acceptance import MIN_SIDE
     from chestxray.data.preprocess import decode_image, prepare_image
     from chestxray.evaluation.ood_samples import non_xray_samples
-    from chestxray.serving.config import MIN_SIDE
 
     samples = non_xray_samples()
     grays = [decode_image(s.data) for s in samples]
-    _, features = clf.outputs(np.stack([prepare_image(g, clf.image_size) for g in grays]))
+    _, features = predictor.raw_outputs(np.stack([prepare_image(g, predictor.image_size) for g in grays]))
     distances = detector.distances(features)
     items = [{"name": s.name, "source": s.source, "distance": round(float(d), 3), "verdict": detector.verdict(d),
               "too_small_for_the_app": bool(min(g.shape[:2]) < MIN_SIDE)}
@@ -106,13 +106,14 @@ def reference(params: dict, config: dict | None, data_dir: Path, model_dir: Path
     import pandas as pd
 
     from chestxray.evaluation import drift
-    from chestxray.model.classifier import Classifier
+    from chestxray.model.artifacts import ModelFiles
     from chestxray.model.ood import OOD_FILE, OodDetector
+    from chestxray.model.predictor import Predictor
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     # The thresholds and classes the app serves with, so the reference class mix is what the app would answer.
-    clf = Classifier.from_dirs(model_dir, evaluation_dir, backend="keras")
+    predictor = Predictor.load(ModelFiles(model_dir, evaluation_dir), backend="keras")
     manifest = pd.read_csv(data_dir / "manifest.csv")
     rows = {s: manifest[manifest.split == s] for s in ("train", "val", "test")}
     paths = {s: [str(data_dir / p) for p in r.path] for s, r in rows.items()}
@@ -123,9 +124,10 @@ def reference(params: dict, config: dict | None, data_dir: Path, model_dir: Path
         raise ValueError(f"{data_dir / 'manifest.csv'} lists no validation images to set the thresholds on")
 
     inputs: list[dict[str, np.ndarray]] = []  # intensity signals of the train subset and validation images
-    _, train_features = clf.outputs_for_files(train, on_batch=lambda x: inputs.append(drift.input_signals(x)))
-    val_probs, val_features = clf.outputs_for_files(paths["val"],
-                                                    on_batch=lambda x: inputs.append(drift.input_signals(x)))
+    _, train_features = predictor.served_outputs_for_files(
+        train, on_batch=lambda x: inputs.append(drift.input_signals(x)))
+    val_probs, val_features = predictor.served_outputs_for_files(
+        paths["val"], on_batch=lambda x: inputs.append(drift.input_signals(x)))
     if train_features is None:
         raise ValueError("the model gives no pooled features (no 'pool' layer): cannot fit the reference")
     detector = OodDetector.fit(train_features)
@@ -133,7 +135,7 @@ def reference(params: dict, config: dict | None, data_dir: Path, model_dir: Path
     detector.set_thresholds(val_distances, params["warn_quantile"], params["refuse_quantile"], params["refuse_margin"])
     features_s = time.perf_counter() - started
 
-    val_predictions = clf.predictions(val_probs)
+    val_predictions = predictor.predictions(val_probs)
     signals = {name: np.concatenate([batch[name] for batch in inputs]) for name in inputs[0]}
     signals[drift.IMAGE_SIDE.name] = _image_sides(train + paths["val"])
     signals[drift.CONFIDENCE.name] = np.array([p.confidence for p in val_predictions])
@@ -141,12 +143,12 @@ def reference(params: dict, config: dict | None, data_dir: Path, model_dir: Path
     signals[ood_signal.name] = val_distances
     histograms = {f"hist_{s.name}": s.histogram(signals[s.name])
                   for s in (drift.INTENSITY_MEAN, drift.INTENSITY_STD, drift.IMAGE_SIDE, drift.CONFIDENCE, ood_signal)}
-    class_mix = {c: sum(1 for p in val_predictions if p.predicted_class == c) for c in clf.classes}
+    class_mix = {c: sum(1 for p in val_predictions if p.predicted_class == c) for c in predictor.classes}
 
     summary = {
         "method": "Mahalanobis distance of the model's pooled backbone features to training X-rays "
                   "(mean and Ledoit-Wolf covariance); thresholds on validation X-rays only",
-        "keras_sha256": clf.keras_sha256,
+        "keras_sha256": predictor.keras_sha256,
         "feature_dim": int(train_features.shape[1]),
         "n_train_images": len(train),
         "n_val_images": len(paths["val"]),
@@ -156,13 +158,13 @@ def reference(params: dict, config: dict | None, data_dir: Path, model_dir: Path
         "validation": {**shares([detector.verdict(d) for d in val_distances]), "distance": _quantiles(val_distances)},
     }
     if test:
-        _, test_features = clf.outputs_for_files(test)
+        _, test_features = predictor.served_outputs_for_files(test)
         test_distances = detector.distances(test_features)
         summary["test_xrays"] = {**shares([detector.verdict(d) for d in test_distances]),
                                  "distance": _quantiles(test_distances)}
     images = []
     if params.get("measure_non_xrays", True):
-        summary["non_xrays"] = measure_non_xrays(clf, detector)
+        summary["non_xrays"] = measure_non_xrays(predictor, detector)
         images = summary["non_xrays"].pop("images")
     pd.DataFrame(images, columns=list(images[0]) if images else ["name", "source", "distance", "verdict"]).to_csv(
         out / NON_XRAYS_FILE, index=False)

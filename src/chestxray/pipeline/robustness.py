@@ -52,13 +52,14 @@ def subset(labels: np.ndarray, max_images: int, seed: int) -> np.ndarray:
     return np.sort(chosen)
 
 
-def score(clf, y: np.ndarray, probs: np.ndarray, bins: int) -> tuple[dict, np.ndarray]:
+def score(predictor, y: np.ndarray, probs: np.ndarray, bins: int) -> tuple[dict, np.ndarray]:
     """(the METRICS of served probabilities, per-image correctness) under the model's decision threshold."""
     from chestxray.evaluation.metrics import classification_metrics
 
     if len(np.unique(y)) < 2:  # ROC AUC (and the drops against clean) need both classes
         raise ValueError("the robustness subset holds one class only -- raise robustness.max_images")
-    metrics, tables = classification_metrics(y, probs, clf.classes, clf.normal_class, clf.decision_threshold, bins)
+    metrics, tables = classification_metrics(y, probs, predictor.classes, predictor.normal_class,
+                                             predictor.calibration.decision_threshold, bins)
     return {k: metrics[k] for k in METRICS if k in metrics}, tables["predicted"] == y
 
 
@@ -71,7 +72,7 @@ def drop_row(variant: dict, clean: dict, correct: np.ndarray, clean_correct: np.
             "ece_change": variant["ece"] - clean["ece"]}
 
 
-def robustness_table(clf, grays: list[np.ndarray], y: np.ndarray, seed: int, bins: int) -> "pd.DataFrame":
+def robustness_table(predictor, grays: list[np.ndarray], y: np.ndarray, seed: int, bins: int) -> "pd.DataFrame":
     """One row per setting: clean, clean + TTA, and every corruption at both severities."""
     import pandas as pd
 
@@ -82,17 +83,20 @@ def robustness_table(clf, grays: list[np.ndarray], y: np.ndarray, seed: int, bin
         # One generator per image, equal across severities: the same direction and noise pattern, scaled.
         images = grays if name is None else [corrupt(g, name, severity, np.random.default_rng([seed, i]))
                                              for i, g in enumerate(grays)]
-        return np.stack([prepare_image(g, clf.image_size) for g in images])
+        return np.stack([prepare_image(g, predictor.image_size) for g in images])
+
+    def served(x: np.ndarray, tta: bool = False) -> np.ndarray:
+        return predictor.served_probabilities(x, tta=tta)
 
     clean_x = inputs()
-    clean, clean_correct = score(clf, y, clf.probabilities(clean_x, tta=False), bins)
-    tta, tta_correct = score(clf, y, clf.probabilities(clean_x, tta=True), bins)
+    clean, clean_correct = score(predictor, y, served(clean_x), bins)
+    tta, tta_correct = score(predictor, y, served(clean_x, tta=True), bins)
     rows = [{"variant": "clean", "corruption": "none", "severity": 0, "setting": "as acquired", **clean},
             {"variant": "clean_tta", "corruption": "none (TTA)", "severity": 0, "setting": "flip + 2 shifts",
              **tta, **drop_row(tta, clean, tta_correct, clean_correct)}]
     for name, (_, values) in CORRUPTIONS.items():
         for severity, value in enumerate(values, start=1):
-            metrics, correct = score(clf, y, clf.probabilities(inputs(name, severity), tta=False), bins)
+            metrics, correct = score(predictor, y, served(inputs(name, severity)), bins)
             rows.append({"variant": f"{name}_s{severity}", "corruption": name, "severity": severity,
                          "setting": f"{value:g}", **metrics, **drop_row(metrics, clean, correct, clean_correct)})
     return pd.DataFrame(rows)
@@ -121,26 +125,27 @@ def robustness(params: dict, config: dict, data_dir: Path, model_dir: Path, eval
 
     from chestxray import tracking
     from chestxray.data.preprocess import decode_image
-    from chestxray.model.classifier import ONNX_FILE, THRESHOLDS_FILE, Classifier
+    from chestxray.model.artifacts import ONNX_FILE, THRESHOLDS_FILE, ModelFiles
+    from chestxray.model.predictor import Predictor
 
     started = time.perf_counter()
     if not (evaluation_dir / THRESHOLDS_FILE).is_file():
         raise FileNotFoundError(f"no {evaluation_dir / THRESHOLDS_FILE} -- run the evaluate stage first")
-    clf = Classifier.from_dirs(model_dir, evaluation_dir, onnx_path=export_dir / ONNX_FILE, backend="auto")
+    predictor = Predictor.load(ModelFiles(model_dir, evaluation_dir, export_dir / ONNX_FILE), backend="auto")
     manifest = pd.read_csv(data_dir / "manifest.csv")
     test = manifest[manifest.split == "test"].reset_index(drop=True)
-    labels = np.array([clf.classes.index(c) for c in test.label])
+    labels = np.array([predictor.classes.index(c) for c in test.label])
     chosen = subset(labels, int(params["max_images"]), int(params["seed"]))
     grays = [decode_image((data_dir / test.path[i]).read_bytes()) for i in chosen]  # decoded once, kept in memory
-    table = robustness_table(clf, grays, labels[chosen], int(params["seed"]), int(params["calibration_bins"]))
+    table = robustness_table(predictor, grays, labels[chosen], int(params["seed"]), int(params["calibration_bins"]))
 
     out.mkdir(parents=True, exist_ok=True)
     table.round(6).to_csv(out / "table.csv", index=False)
-    metrics = summary(table, len(chosen), len(test), clf.backend)
+    metrics = summary(table, len(chosen), len(test), predictor.backend)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     worst = metrics["worst_accuracy_drop"]
     print(table[["variant", "accuracy", "roc_auc", "ece", "accuracy_drop"]].to_string(index=False, float_format="%.4f"))
-    print(f"{len(chosen)} of {len(test)} test images, {clf.backend}: worst accuracy drop {worst['drop']:.4f} "
+    print(f"{len(chosen)} of {len(test)} test images, {predictor.backend}: worst accuracy drop {worst['drop']:.4f} "
           f"({worst['variant']}, 95% CI {worst['ci95'][0]:.4f} to {worst['ci95'][1]:.4f}); "
           f"{time.perf_counter() - started:.0f} s")
     with tracking.resume_run(config, model_dir / "mlflow_run.json"):

@@ -83,7 +83,7 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
     from chestxray.model import training as T
     from chestxray.data.dataset import image_dataset
     from chestxray.model.backbones import get_backbone, resolve
-    from chestxray.model.classifier import INFO_FILE, MODEL_FILE
+    from chestxray.model.artifacts import INFO_FILE, MODEL_FILE
 
     tp, bp = params["train"], params["base_model"]
     keras.utils.set_random_seed(tp["seed"])

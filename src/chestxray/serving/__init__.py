@@ -10,14 +10,13 @@ an admin can then POST /admin/reload once the model is in place.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from flask import Flask
 
-from chestxray.serving.config import load_settings
-from chestxray.serving.model_state import ModelState, load_classifier  # noqa: F401  (public API)
+from chestxray.serving.config import flask_debug_requested, load_settings
+from chestxray.serving.model_state import ModelState, load_predictor  # noqa: F401  (public API)
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +28,7 @@ def refuse_debug_in_production(app: Flask, settings: dict[str, Any]) -> None:
 
     The debugger runs arbitrary code for whoever can reach the page; it must never face a network.
     """
-    flag = os.environ.get("FLASK_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
-    if (flag or app.debug) and settings["CHESTXRAY_ENV"] != "development":
+    if (flask_debug_requested() or app.debug) and settings["CHESTXRAY_ENV"] != "development":
         raise RuntimeError("refusing to start: Flask debug mode is on (FLASK_DEBUG / --debug) but "
                            f"CHESTXRAY_ENV={settings['CHESTXRAY_ENV']!r}; debug mode lets anyone run code "
                            "on this server. Unset FLASK_DEBUG, or set CHESTXRAY_ENV=development on a "
@@ -70,11 +68,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         from chestxray.explain import gemini
 
         gemini.load_sdk()  # imported now, so no request's Gemini timeout is spent importing it
-    model_state.install(app, load_classifier(settings))
+    model_state.install(app, load_predictor(settings))
 
     app.extensions[metrics.EXTENSION] = app_metrics = metrics.Metrics()  # a registry of its own per app
     app.extensions[monitoring.EXTENSION] = monitoring.monitor_for(
-        app.extensions[model_state.EXTENSION].classifier, settings["CHESTXRAY_DRIFT_MIN_COUNT"], app_metrics.registry)
+        app.extensions[model_state.EXTENSION].predictor, settings["CHESTXRAY_DRIFT_MIN_COUNT"], app_metrics.registry)
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(pages.bp)

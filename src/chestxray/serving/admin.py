@@ -29,13 +29,13 @@ def reload_model():
     try:
         previous = model_state.current_state()
         settings = {name: current_app.config[name] for name in SETTINGS}
-        fresh = model_state.load_classifier(settings)
+        fresh = model_state.load_predictor(settings)
         if fresh.error:
             raise ApiError(503, "reload_failed", f"{fresh.error} (still serving the previous model: "
                                                  f"{previous.version or 'none'})")
         model_state.install(current_app._get_current_object(), fresh)
-        monitoring.current_monitor().restart(*monitoring.reference_for(fresh.classifier))
+        monitoring.current_monitor().restart(*monitoring.reference_for(fresh.predictor))
     finally:
         RELOAD_LOCK.release()
     return jsonify(status="reloaded", model_version=fresh.version, previous_model_version=previous.version,
-                   backend=fresh.classifier.backend)
+                   backend=fresh.predictor.backend)

@@ -13,13 +13,11 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 from flask import Blueprint, Response, current_app, g, jsonify, render_template, request, url_for
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from chestxray.data.preprocess import prepare_image
+from chestxray.data.acceptance import MAX_SIDE, MIN_SIDE, ImageRejected
 from chestxray.serving.auth import HEADER, requires_role
-from chestxray.serving.config import MAX_SIDE, MIN_SIDE
 from chestxray.serving.errors import HTTP_CODES, ApiError
 from chestxray.serving.model_state import current_state
 from chestxray.serving.uploads import FileTooLarge, many_files, one_file, read_upload, too_large_message
@@ -27,39 +25,32 @@ from chestxray.serving.uploads import FileTooLarge, many_files, one_file, read_u
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
 
-NOT_A_CHEST_XRAY = "not_a_chest_xray"
-
-
-def _classifier():
+def _predictor():
     state = current_state()
-    if state.classifier is None:
+    if state.predictor is None:
         raise ApiError(503, "model_unavailable", state.error or "no model loaded")
-    return state.classifier
+    return state.predictor
 
 
-def _predict(clf, grays: list[np.ndarray]) -> list:
-    """Predict decoded uploads in one batch and record them in the drift monitor."""
+def _predict(predictor, uploads: list[bytes]) -> list:
+    """The predictor's Results for uploaded files, in order; every predicted image counts in the drift monitor."""
     from chestxray.serving.monitoring import current_monitor
 
-    inputs = np.stack([prepare_image(gray, clf.image_size) for gray in grays])
-    predictions = clf.predict_arrays(inputs)
-    current_monitor().observe(inputs, [max(gray.shape[:2]) for gray in grays], predictions,
-                              [clf.ood_verdict(p) for p in predictions])
-    return predictions
+    monitor = current_monitor()
+    return predictor.predict_images(uploads, observe=lambda inputs, sides, predictions: monitor.observe(
+        inputs, sides, predictions, [p.verdict for p in predictions]))
 
 
-def not_a_chest_xray_error(clf, prediction) -> ApiError | None:
-    """The 422 error for an image the "not a chest X-ray" check refuses, else None."""
-    if not clf.refuses(prediction):
-        return None
-    return ApiError(422, NOT_A_CHEST_XRAY,
-                    f"this image does not look like a chest X-ray (distance {prediction.ood_distance:.1f} to the "
-                    f"X-rays the model was trained on; from {clf.ood.refuse:.1f} an image is not classified), so "
-                    "the model gives no answer for it -- upload a frontal chest X-ray")
+def _predict_one(predictor, upload: bytes):
+    """The Result of one upload; its error (not accepted, not a chest X-ray) is raised as the answer."""
+    result = _predict(predictor, [upload])[0]
+    if result.error is not None:
+        raise result.error
+    return result
 
 
-def _result(clf, prediction, started: float) -> dict[str, Any]:
-    return {**prediction.to_dict(), "model_version": clf.version,
+def _result(predictor, prediction, started: float) -> dict[str, Any]:
+    return {**prediction.to_dict(), "model_version": predictor.version,
             "inference_time_ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
@@ -69,31 +60,32 @@ def _result(clf, prediction, started: float) -> dict[str, Any]:
 def health():
     """200 when a model is loaded, else 503 with the reason."""
     state = current_state()
-    if state.classifier is None:
+    if state.predictor is None:
         return jsonify(status="unavailable", error="model_unavailable", message=state.error), 503
-    return jsonify(status="ready", model_version=state.classifier.version, backend=state.classifier.backend)
+    return jsonify(status="ready", model_version=state.predictor.version, backend=state.predictor.backend)
 
 
 @bp.get("/model/info")
 @requires_role()
 def model_info():
     """What the loaded model is: classes, input size, backbone, training date, test metrics, calibration, card."""
-    clf = _classifier()
+    predictor = _predictor()
     return jsonify(
-        model_version=clf.version,
-        backend=clf.backend,
-        classes=clf.classes,
-        normal_class=clf.normal_class,
-        input_size=[clf.image_size, clf.image_size, 3],
-        backbone=clf.info.get("backbone"),
-        trained_at=clf.info.get("trained_at"),
-        test_metrics=clf.metrics,
-        thresholds={"decision_threshold": clf.decision_threshold, "low_confidence": clf.low_confidence_threshold,
-                    "temperature": clf.temperature},
-        low_confidence_rule=clf.thresholds.get("low_confidence_rule"),
-        tta=clf.tta,
-        model_card=url_for("api.model_card") if clf.card is not None else None,
-        not_a_chest_xray_check=clf.ood_info(),
+        model_version=predictor.version,
+        backend=predictor.backend,
+        classes=predictor.classes,
+        normal_class=predictor.normal_class,
+        input_size=[predictor.image_size, predictor.image_size, 3],
+        backbone=predictor.info.get("backbone"),
+        trained_at=predictor.info.get("trained_at"),
+        test_metrics=predictor.metrics,
+        thresholds={"decision_threshold": predictor.calibration.decision_threshold,
+                    "low_confidence": predictor.calibration.low_confidence_threshold,
+                    "temperature": predictor.calibration.temperature},
+        low_confidence_rule=predictor.calibration.chosen.get("low_confidence_rule"),
+        tta=predictor.tta,
+        model_card=url_for("api.model_card") if predictor.card is not None else None,
+        not_a_chest_xray_check=predictor.check.info(),
         limits=_limits(),
     )
 
@@ -101,11 +93,11 @@ def model_info():
 @bp.get("/model/card")
 def model_card():
     """The model card: Markdown, or a simple HTML page for browsers (Accept: text/html, or ?format=html)."""
-    clf = _classifier()
-    if clf.card is None:
+    predictor = _predictor()
+    if predictor.card is None:
         raise ApiError(404, "no_model_card", "this model has no model card -- run the pipeline's model_card stage "
                                              "(`dvc repro model_card`)")
-    text = clf.card
+    text = predictor.card
     wanted = request.args.get("format")  # absent: by the Accept header; present, it must be md or html
     if wanted is None:
         wanted = "html" if request.accept_mimetypes.best_match(["text/markdown", "text/html"]) == "text/html" else "md"
@@ -114,7 +106,7 @@ def model_card():
 
         # Raw HTML in the Markdown stays text: the card is rendered, never trusted as markup.
         body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
-        return render_template("model_card.html", card_html=body, model_version=clf.version)
+        return render_template("model_card.html", card_html=body, model_version=predictor.version)
     if wanted != "md":
         raise ApiError(400, "bad_format", f"format={wanted!r}: use md or html")
     return Response(text, mimetype="text/markdown")
@@ -130,37 +122,24 @@ def _limits() -> dict[str, Any]:
 @requires_role()
 def predict():
     """Predict one image sent in the multipart field `file`."""
-    clf = _classifier()
-    gray = read_upload(one_file())
+    predictor = _predictor()
+    upload = read_upload(one_file())
     started = time.perf_counter()
-    prediction = _predict(clf, [gray])[0]
-    refused = not_a_chest_xray_error(clf, prediction)
-    if refused is not None:
-        raise refused
-    return jsonify(_result(clf, prediction, started))
+    result = _predict_one(predictor, upload)
+    return jsonify(_result(predictor, result.prediction, started))
 
 
 @bp.post("/predict/batch")
 @requires_role()
 def predict_batch():
     """Predict up to CHESTXRAY_MAX_BATCH images sent in the field `files`: one result or error each, in order."""
-    clf = _classifier()
-    uploads = many_files()
-    results: list[dict[str, Any]] = []
-    grays, slots = [], []
-    for index, upload in enumerate(uploads):
-        try:
-            grays.append(read_upload(upload))
-            slots.append(index)
-            results.append({})
-        except ApiError as exc:  # this file's status (what /predict would answer) and error, in its slot
-            results.append({"index": index, "status": exc.status, **exc.to_dict()})
+    predictor = _predictor()
+    uploads = [read_upload(upload) for upload in many_files()]
     started = time.perf_counter()
-    predictions = _predict(clf, grays) if grays else []
-    for index, prediction in zip(slots, predictions, strict=True):
-        refused = not_a_chest_xray_error(clf, prediction)
-        results[index] = ({"index": index, "status": refused.status, **refused.to_dict()} if refused
-                          else {"index": index, **_result(clf, prediction, started)})
+    # Each file's error carries the status /predict would answer for it, in its slot.
+    results = [{"index": index, "status": r.error.status, **r.error.to_dict()} if r.error is not None
+               else {"index": index, **_result(predictor, r.prediction, started)}
+               for index, r in enumerate(_predict(predictor, uploads))]
     errors = sum(1 for r in results if "error" in r)
     return jsonify(results=results, count=len(results), errors=errors)
 
@@ -171,21 +150,19 @@ def predict_explain():
     """As /predict, plus a Grad-CAM overlay (base64 PNG) and, when Gemini answers, a short explanation."""
     from chestxray.explain import gemini, gradcam
 
-    clf = _classifier()
+    predictor = _predictor()
     upload = one_file()
     requested = (request.form.get("class") or "").strip() or None
-    if requested is not None and requested not in clf.classes:
-        raise ApiError(400, "unknown_class", f"unknown class {requested!r}; choose one of: {', '.join(clf.classes)}")
-    gray = read_upload(upload)
+    if requested is not None and requested not in predictor.classes:
+        raise ApiError(400, "unknown_class",
+                       f"unknown class {requested!r}; choose one of: {', '.join(predictor.classes)}")
     started = time.perf_counter()
-    prediction = _predict(clf, [gray])[0]
-    refused = not_a_chest_xray_error(clf, prediction)
-    if refused is not None:  # no heatmap, no explanation for what is not a chest X-ray
-        raise refused
-    result = _result(clf, prediction, started)
+    predicted = _predict_one(predictor, read_upload(upload))  # no heatmap, no explanation for what is refused
+    gray, prediction = predicted.image, predicted.prediction
+    result = _result(predictor, prediction, started)
     started = time.perf_counter()
     try:
-        cam = gradcam.explain(clf, gray, requested or prediction.predicted_class)
+        cam = gradcam.explain(predictor, gray, requested or prediction.predicted_class)
     except Exception as exc:  # the prediction stands without a heatmap
         log.warning("Grad-CAM failed: %s", type(exc).__name__)
         result.update(gradcam_class=None, gradcam_png=None, explanation=None,
@@ -217,6 +194,11 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 @bp.app_errorhandler(ApiError)
 def _api_error(exc: ApiError):
     return _error(exc.status, exc.code, exc.message, exc.headers)
+
+
+@bp.app_errorhandler(ImageRejected)
+def _rejected(exc: ImageRejected):
+    return _error(exc.status, exc.code, exc.message)
 
 
 @bp.app_errorhandler(HTTPException)

@@ -4,11 +4,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-# Accepted image sides in pixels: smaller is too little detail for a chest X-ray, larger is not an X-ray export.
-MIN_SIDE = 128
-MAX_SIDE = 4096
-
-
 def boolean(value: object) -> bool:
     """A yes/no setting: true/false, 1/0, yes/no, on/off (any case)."""
     if isinstance(value, bool):
@@ -25,7 +20,7 @@ def boolean(value: object) -> bool:
 SETTINGS: dict[str, tuple[type, Any]] = {
     "CHESTXRAY_ARTIFACTS": (str, "artifacts"),
     "CHESTXRAY_MODEL_URI": (str, ""),
-    "CHESTXRAY_BACKEND": (str, "auto"),  # auto | onnx | keras (see chestxray.model.classifier.choose_backend)
+    "CHESTXRAY_BACKEND": (str, "auto"),  # auto | onnx | keras (see chestxray.model.network.choose_backend)
     "CHESTXRAY_TTA": (boolean, False),  # test-time augmentation: average over flip and shifts (4x the compute)
     "CHESTXRAY_MAX_BATCH": (int, 10),
     "CHESTXRAY_MAX_UPLOAD_MB": (float, 10.0),
@@ -69,6 +64,11 @@ def load_settings(overrides: dict[str, Any] | None = None, dotenv: bool = True) 
     for name, value in (overrides or {}).items():
         settings[name] = _convert(name, value) if name in SETTINGS and value is not None else value
     return settings
+
+
+def flask_debug_requested() -> bool:
+    """Whether FLASK_DEBUG (Flask's own variable, read by `flask run`) asks for debug mode."""
+    return os.environ.get("FLASK_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def parse_model_uri(uri: str) -> tuple[str, str]:

@@ -1,6 +1,7 @@
 """The app's one error type: answered as JSON ``{"error": "<code>", "message": "<words>"}``.
 
-Any module (API, auth, rate limit, admin, upload checks) raises `ApiError`; the handlers in
+Any module (API, auth, rate limit, admin) raises `ApiError` (the image checks raise
+chestxray.data.acceptance.ImageRejected, answered alike); the handlers in
 api.py turn it, and every other HTTP error, into JSON -- never HTML, never a stack trace.
 """
 from __future__ import annotations

@@ -21,49 +21,53 @@ EXTENSION = "chestxray"  # app.extensions key holding the current ModelState
 
 @dataclass(frozen=True)
 class ModelState:
-    """The loaded classifier, or why there is none."""
+    """The loaded predictor, or why there is none."""
 
-    classifier: Any = None
+    predictor: Any = None
     error: str | None = None
 
     @property
     def version(self) -> str | None:
-        return self.classifier.version if self.classifier is not None else None
+        return self.predictor.version if self.predictor is not None else None
 
 
-def load_classifier(settings: dict[str, Any]) -> ModelState:
-    """Load the classifier the settings name (registry URI or artifacts dir); never raises."""
-    from chestxray.model.classifier import Classifier, ModelNotFound
+def load_predictor(settings: dict[str, Any]) -> ModelState:
+    """Load the predictor the settings name (registry URI or artifacts dir, backend, TTA); never raises."""
+    from chestxray.model.artifacts import ModelNotFound
+    from chestxray.model.network import BACKENDS
+    from chestxray.model.predictor import Predictor
 
+    backend, tta = settings["CHESTXRAY_BACKEND"].strip().lower(), settings["CHESTXRAY_TTA"]
+    if backend not in BACKENDS:
+        return ModelState(error=f"CHESTXRAY_BACKEND={backend!r}: choose one of {', '.join(BACKENDS)}")
     try:
         if settings["CHESTXRAY_MODEL_URI"]:
-            name, alias = parse_model_uri(settings["CHESTXRAY_MODEL_URI"])
-            classifier = Classifier.from_registry(name, alias, backend=settings["CHESTXRAY_BACKEND"],
-                                                  tta=settings["CHESTXRAY_TTA"])
+            from chestxray.model.registry import load_registered
+
+            predictor = load_registered(*parse_model_uri(settings["CHESTXRAY_MODEL_URI"]), backend=backend, tta=tta)
         else:
-            classifier = Classifier.from_artifacts(settings["CHESTXRAY_ARTIFACTS"], backend=settings["CHESTXRAY_BACKEND"],
-                                                   tta=settings["CHESTXRAY_TTA"])
+            predictor = Predictor.from_artifacts(settings["CHESTXRAY_ARTIFACTS"], backend=backend, tta=tta)
     except ModelNotFound as exc:
         return ModelState(error=str(exc))
     except Exception as exc:  # a broken file, a registry down: the app must still start and say so
         return ModelState(error=f"could not load the model ({type(exc).__name__}: {exc})")
     try:
-        warm_up(classifier)
+        warm_up(predictor)
     except Exception as exc:
         return ModelState(error=f"the model failed a test prediction ({type(exc).__name__}: {exc})")
-    return ModelState(classifier=classifier)
+    return ModelState(predictor=predictor)
 
 
-def warm_up(classifier) -> None:
+def warm_up(predictor) -> None:
     """One prediction and one Grad-CAM on a blank image, so the first request does not pay for tracing."""
     import numpy as np
 
     from chestxray.explain import gradcam
 
-    size = classifier.image_size
-    classifier.predict_arrays(np.zeros((1, size, size, 3), np.float32))
+    size = predictor.image_size
+    predictor.predict_arrays(np.zeros((1, size, size, 3), np.float32))
     try:
-        gradcam.explain(classifier, np.zeros((size, size), np.uint8), classifier.classes[0])
+        gradcam.explain(predictor, np.zeros((size, size), np.uint8), predictor.classes[0])
     except Exception as exc:  # predictions still work without heatmaps; /predict/explain will say why
         log.warning("Grad-CAM warm-up failed: %s", exc)
 
@@ -74,7 +78,7 @@ def install(app: Flask, state: ModelState) -> None:
     if state.error:
         log.error("model not loaded: %s", state.error)
     else:
-        log.info("model loaded: version %s, backend %s", state.version, state.classifier.backend)
+        log.info("model loaded: version %s, backend %s", state.version, state.predictor.backend)
 
 
 def current_state() -> ModelState:

@@ -186,17 +186,17 @@ class _PrometheusMonitor:
                 self.not_xray.labels("warned" if verdict == WARN else "refused").inc()
 
 
-def reference_for(classifier) -> tuple[drift.DriftReference | None, str | None]:
-    """A loaded classifier's drift reference, or None and the reason."""
-    if classifier is None:
+def reference_for(predictor) -> tuple[drift.DriftReference | None, str | None]:
+    """A loaded predictor's drift reference, or None and the reason."""
+    if predictor is None:
         return None, "no model loaded"
-    reference = classifier.drift_reference
-    return reference, None if reference is not None else classifier.ood_off_reason
+    reference = predictor.check.drift_reference
+    return reference, None if reference is not None else predictor.check.off_reason
 
 
-def monitor_for(classifier, min_count: int, registry=None) -> Monitor:
-    """The monitor for a loaded classifier (its drift reference), or for no model."""
-    reference, reason = reference_for(classifier)
+def monitor_for(predictor, min_count: int, registry=None) -> Monitor:
+    """The monitor for a loaded predictor (its drift reference), or for no model."""
+    reference, reason = reference_for(predictor)
     return Monitor(reference, min_count, registry, reason)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, render_template, url_for
 
 from chestxray.serving.auth import keys_required
-from chestxray.serving.config import MAX_SIDE, MIN_SIDE
+from chestxray.data.acceptance import MAX_SIDE, MIN_SIDE
 from chestxray.serving.model_state import current_state
 
 bp = Blueprint("pages", __name__)
@@ -18,7 +18,7 @@ def index():
     upload. The key stays in the page (nothing is stored in cookies or browser storage).
     """
     state = current_state()
-    has_card = state.classifier is not None and state.classifier.card is not None
+    has_card = state.predictor is not None and state.predictor.card is not None
     return render_template(
         "index.html",
         model_error=state.error,

@@ -1,4 +1,4 @@
-"""Uploads: parsed in memory with hard size caps, then checked and decoded (the acceptance rules).
+"""Uploads: parsed in memory with hard size caps (checked and decoded by chestxray.data.acceptance).
 
 Werkzeug's default spools any upload over 500 kB to a temporary file on disk; X-rays must never
 touch the disk, so file parts go to memory, each capped at CHESTXRAY_MAX_UPLOAD_MB while it is
@@ -10,13 +10,10 @@ from __future__ import annotations
 import io
 from typing import IO
 
-import numpy as np
 from flask import Request, current_app, g, request
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from chestxray.data.preprocess import ImageError, ImageTooLarge, decode_image, image_dimensions, image_format
-from chestxray.serving.config import MAX_SIDE, MIN_SIDE
 from chestxray.serving.errors import ApiError
 
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and small text fields
@@ -69,34 +66,9 @@ def too_large_message() -> str:
             f"and {files} file{'s' if files != 1 else ''} per request")
 
 
-def check_image(data: bytes) -> np.ndarray:
-    """Decode uploaded bytes to grayscale, or raise ApiError saying in words what is wrong.
-
-    Format and dimensions come from the header first: a tiny file declaring a huge image
-    (a decompression bomb) is refused before any pixel is decoded.
-    """
-    if not data:
-        raise ApiError(400, "empty_file", "the file is empty")
-    if image_format(data) is None:
-        raise ApiError(415, "unsupported_type", "not a JPEG, PNG or DICOM image (GIF, PDF, text... are not accepted)")
-    try:
-        width, height = image_dimensions(data)
-        if min(width, height) < MIN_SIDE:
-            raise ApiError(422, "image_too_small",
-                           f"image is {width}x{height} px; each side must be at least {MIN_SIDE} px")
-        if max(width, height) > MAX_SIDE:
-            raise ApiError(422, "image_too_large",
-                           f"image is {width}x{height} px; each side must be at most {MAX_SIDE} px")
-        return decode_image(data)
-    except ImageTooLarge as exc:
-        raise ApiError(422, "image_too_large", str(exc)) from None
-    except ImageError as exc:
-        raise ApiError(422, "unreadable_image", str(exc)) from None
-
-
-def read_upload(upload: FileStorage) -> np.ndarray:
-    """One uploaded file (already size-capped while parsed), decoded to grayscale."""
-    return check_image(upload.stream.read())
+def read_upload(upload: FileStorage) -> bytes:
+    """One uploaded file's bytes (already size-capped while parsed); the predictor checks and decodes them."""
+    return upload.stream.read()
 
 
 def one_file(field: str = "file") -> FileStorage:
