@@ -10,8 +10,6 @@ WORKDIR /app
 COPY requirements.txt pyproject.toml README.md ./
 RUN pip install -r requirements.txt
 COPY src/ src/
-COPY templates/ templates/
-COPY static/ static/
 COPY config/ config/
 COPY app.py gunicorn.conf.py params.yaml ./
 RUN pip install --no-deps -e . && useradd --create-home app

@@ -10,7 +10,6 @@ an admin can then POST /admin/reload once the model is in place.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from flask import Flask
@@ -19,9 +18,6 @@ from chestxray.serving.config import flask_debug_requested, load_settings
 from chestxray.serving.model_state import ModelState, load_predictor  # noqa: F401  (public API)
 
 log = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parents[3]  # src/chestxray/serving -> the repository root
-
 
 def refuse_debug_in_production(app: Flask, settings: dict[str, Any]) -> None:
     """Raise at start-up if debug mode (FLASK_DEBUG, app.debug) is on outside CHESTXRAY_ENV=development.
@@ -47,7 +43,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
                                    ratelimit, uploads)
 
     _configure_logging()
-    app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
+    app = Flask(__name__)  # templates/ and static/ are package data next to this file (Flask's tutorial layout)
     settings = load_settings(config)
     if config and "DEBUG" in config:
         app.debug = bool(config["DEBUG"])
