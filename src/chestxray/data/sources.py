@@ -1,5 +1,6 @@
-"""Getting the dataset named by `data.source`: a local folder, a .zip/.tar(.gz) archive (local or
-remote), an http(s) URL, or a Google Drive link or file id.
+"""Getting a dataset (a location in `data.sources`, or the older single `data.source`): a local folder,
+a .zip/.tar(.gz) archive (local or remote), an http(s) URL, or a Google Drive link or file id. A source
+may list several locations: the first that works is used (fetch_first), and downloads can be cached.
 
 Whatever the source, the result is a local folder: the dataset root, which holds split folders
 (`train`, `test`, optionally `val`) or class folders directly. Every failure is a DataSourceError
@@ -10,6 +11,7 @@ from __future__ import annotations
 import gzip
 import lzma
 import re
+import shutil
 import tarfile
 import time
 import zipfile
@@ -19,13 +21,17 @@ from typing import Callable
 from urllib.parse import urlparse
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
+from chestxray.atomic import leftover_name, remove_dead_leftovers
 from chestxray.hashing import file_sha256
 
-HINT = "set data.source in params.yaml to a folder, archive, URL or Google Drive link"
+HINT = ("set data.source in params.yaml (a location in data.sources) to a folder, archive, URL "
+        "or Google Drive link")
 SPLITS = ("train", "val", "test")
 DOWNLOAD_TIMEOUT = (10, 60)  # seconds: to connect, and between two reads
-DOWNLOAD_ATTEMPTS = 3  # a dropped connection or a short body is tried again, this many times in all
+DOWNLOAD_ATTEMPTS = 3  # a refused connection, a 5xx or a body cut short is tried this many times in all
 DOWNLOAD_BACKOFF_S = 1.0  # wait before the 2nd attempt; doubled before each next one (1 s, 2 s)
 _DRIVE_HOSTS = {"drive.google.com", "docs.google.com", "drive.usercontent.google.com"}
 _DRIVE_ID = re.compile(r"[A-Za-z0-9_-]{25,}")
@@ -66,46 +72,72 @@ def _request_reason(exc: requests.RequestException) -> str:
 
 
 class _Retryable(Exception):
-    """A download attempt that failed in a way another attempt may not: a dropped connection, a short body, a 5xx."""
+    """A download attempt cut off mid-body: the next attempt resumes where it stopped."""
 
 
-def _get_once(url: str, part: Path, timeout: tuple[float, float]) -> None:
-    """One attempt: stream `url` into `part`; raise _Retryable or DataSourceError on failure."""
-    size, expected = 0, None
+def _session() -> requests.Session:
+    """A requests session whose adapter retries refused connections, timeouts before the headers and 429/5xx
+    answers (urllib3's Retry: DOWNLOAD_ATTEMPTS in all, exponential backoff from DOWNLOAD_BACKOFF_S)."""
+    retry = Retry(total=DOWNLOAD_ATTEMPTS - 1, backoff_factor=DOWNLOAD_BACKOFF_S, allowed_methods={"GET"},
+                  status_forcelist=(429, 500, 502, 503, 504), raise_on_status=False)
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    session.mount("https://", HTTPAdapter(max_retries=retry))
+    return session
+
+
+class _Progress:
+    """Plain progress lines on stdout (one per 10%, or per 50 MB when the size is unknown): readable in logs."""
+
+    def __init__(self, url: str, total: int | None):
+        self.url, self.total, self.next = url, total, 0.1 if total else 50 << 20
+
+    def update(self, size: int) -> None:
+        if self.total and size / self.total >= self.next:
+            print(f"downloading {self.url}: {size / 1e6:,.0f} of {self.total / 1e6:,.0f} MB "
+                  f"({size / self.total:.0%})", flush=True)
+            self.next = size / self.total + 0.1
+        elif not self.total and size >= self.next:
+            print(f"downloading {self.url}: {size / 1e6:,.0f} MB", flush=True)
+            self.next = size + (50 << 20)
+
+
+def _get_once(session: requests.Session, url: str, part: Path, timeout: tuple[float, float],
+              total: int | None) -> int | None:
+    """One attempt: stream `url` into `part`, resuming after the bytes already there; return the full size.
+
+    Raise _Retryable when the body is cut off, DataSourceError on an HTTP error or a connection that
+    failed after urllib3's retries.
+    """
+    size = part.stat().st_size if part.exists() and total else 0
+    headers = {"Range": f"bytes={size}-"} if size else {}
     try:
-        with requests.get(url, stream=True, timeout=timeout) as response:
-            if response.status_code >= 500 or response.status_code == 429:
-                raise _Retryable(f"HTTP {response.status_code}")
+        with session.get(url, stream=True, timeout=timeout, headers=headers) as response:
             response.raise_for_status()
+            if response.status_code != 206:  # the server sends the whole file again
+                size = 0
             # With a Content-Encoding, requests decodes on the fly and the header counts encoded bytes.
-            if not response.headers.get("Content-Encoding") and response.headers.get("Content-Length", "").isdigit():
-                expected = int(response.headers["Content-Length"])
-            with open(part, "wb") as f:
+            length = response.headers.get("Content-Length", "")
+            if not response.headers.get("Content-Encoding") and length.isdigit():
+                total = size + int(length)
+            progress = _Progress(url, total)
+            with open(part, "ab" if size else "wb") as f:
                 for chunk in response.iter_content(_CHUNK):
                     f.write(chunk)
                     size += len(chunk)
+                    progress.update(size)
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "error"
         raise DataSourceError(f"could not download {url}: HTTP {status}: check the URL or {HINT}") from None
+    except requests.exceptions.ChunkedEncodingError:
+        raise _Retryable(f"cut off after {size:,} of {total:,} bytes" if total else
+                         "the connection closed before the download was complete") from None
     except requests.RequestException as exc:
-        cut = isinstance(exc, requests.exceptions.ChunkedEncodingError) and expected is not None
-        raise _Retryable(f"cut off after {size:,} of {expected:,} bytes" if cut else _request_reason(exc)) from None
-    if expected is not None and size != expected:  # urllib3 checks this too; never trust a short file
-        raise _Retryable(f"cut off after {size:,} of {expected:,} bytes")
-
-
-def _with_retries(attempt: Callable[[], None], attempts: int, backoff_s: float) -> str | None:
-    """Call `attempt` up to `attempts` times, waiting backoff_s, 2*backoff_s, ... between; the last reason or None."""
-    reason = None
-    for number in range(1, attempts + 1):
-        try:
-            attempt()
-            return None
-        except _Retryable as exc:
-            reason = str(exc)
-        if number < attempts:
-            time.sleep(backoff_s * 2 ** (number - 1))
-    return reason
+        raise DataSourceError(f"could not download {url} after {DOWNLOAD_ATTEMPTS} attempts "
+                              f"({_request_reason(exc)}): check the URL and the network, or {HINT}") from None
+    if total is not None and size != total:  # urllib3 checks this too; never trust a short file
+        raise _Retryable(f"cut off after {size:,} of {total:,} bytes")
+    return total
 
 
 def _publish(part: Path, target: Path, source: str, checksum: str | None) -> Path:
@@ -121,20 +153,33 @@ def _publish(part: Path, target: Path, source: str, checksum: str | None) -> Pat
 
 def download_url(url: str, folder: Path, checksum: str | None = None,
                  timeout: tuple[float, float] = DOWNLOAD_TIMEOUT) -> Path:
-    """Stream `url` into `folder`, retrying a dropped or short download (DOWNLOAD_ATTEMPTS in all, waiting
-    DOWNLOAD_BACKOFF_S, then twice that, ...); the file gets its final name only once it is complete and
-    matches `checksum` ("sha256:<hex>", optional)."""
+    """Stream `url` into `folder` with progress lines; the file gets its final name only once it is complete
+    and matches `checksum` ("sha256:<hex>", optional).
+
+    Connection failures and 429/5xx answers are retried by urllib3 (see _session). urllib3's Retry ends
+    once the headers have arrived, so a body cut off mid-stream is resumed here with a Range request
+    (DOWNLOAD_ATTEMPTS in all, waiting DOWNLOAD_BACKOFF_S, then twice that, ...).
+    """
     target = folder / (Path(urlparse(url).path).name or "download")
     part = target.with_name(target.name + ".part")
-    attempts = DOWNLOAD_ATTEMPTS
+    total, reason = None, None
     try:
-        reason = _with_retries(lambda: _get_once(url, part, timeout), attempts, DOWNLOAD_BACKOFF_S)
+        with _session() as session:
+            for number in range(1, DOWNLOAD_ATTEMPTS + 1):
+                try:
+                    total = _get_once(session, url, part, timeout, total)
+                    reason = None
+                    break
+                except _Retryable as exc:
+                    reason = str(exc)
+                if number < DOWNLOAD_ATTEMPTS:
+                    time.sleep(DOWNLOAD_BACKOFF_S * 2 ** (number - 1))
     except DataSourceError:
         part.unlink(missing_ok=True)
         raise
     if reason is not None:
         part.unlink(missing_ok=True)
-        raise DataSourceError(f"could not download {url} after {attempts} attempts ({reason}): "
+        raise DataSourceError(f"could not download {url} after {DOWNLOAD_ATTEMPTS} attempts ({reason}): "
                               f"check the URL and the network, or {HINT}")
     return _publish(part, target, url, checksum)
 
@@ -257,10 +302,34 @@ def split_folders(root: Path) -> dict[str, Path]:
     return splits or {"": root}
 
 
-def fetch(source: str, workdir: Path, checksum: str | None = None) -> Path:
+def _cached_download(source: str, downloads: Path, checksum: str | None, cache: Path | None,
+                     download: Callable[[str, Path, str | None], Path]) -> Path:
+    """Download `source` once: with a cache folder, a complete earlier download is used again."""
+    if cache is None:
+        return download(source, downloads, checksum)
+    folder = Path(cache).expanduser() / hashlib.sha256(source.encode()).hexdigest()[:16]
+    done = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")) if folder.is_dir() else []
+    if done:
+        try:
+            if checksum:
+                verify_checksum(done[0], checksum, source)
+            print(f"using the download of {source} cached in {done[0]}", flush=True)
+            return done[0]
+        except DataSourceError:  # a different file than the checksum names: fetch it again
+            done[0].unlink()
+    path = download(source, downloads, checksum)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(folder, ".download")
+    temp = folder / leftover_name(".download")
+    shutil.move(path, temp)  # another disk maybe: copied under a temporary name, then renamed at once
+    return temp.rename(folder / path.name)
+
+
+def fetch(source: str, workdir: Path, checksum: str | None = None, cache: Path | None = None) -> Path:
     """Make `source` available locally (downloading and extracting into `workdir`) and return the dataset root.
 
-    `checksum` ("sha256:<hex>") is checked on the archive file, downloaded or local.
+    `checksum` ("sha256:<hex>") is checked on the archive file, downloaded or local; with `cache`, a
+    download is kept there and not repeated.
     """
     source = str(source or "").strip()
     if not source:
@@ -273,12 +342,38 @@ def fetch(source: str, workdir: Path, checksum: str | None = None) -> Path:
         return find_dataset_root(Path(source).expanduser(), source)
     downloads = workdir / "download"
     downloads.mkdir(parents=True, exist_ok=True)
-    if kind == "url":
-        archive = download_url(source, downloads, checksum)
-    elif kind == "drive":
-        archive = download_drive(source, downloads, checksum)
+    if kind in ("url", "drive"):
+        archive = _cached_download(source, downloads, checksum, cache,
+                                   download_url if kind == "url" else download_drive)
     else:
         archive = Path(source).expanduser()
         if checksum:
             verify_checksum(archive, checksum, source)
     return find_dataset_root(extract(archive, workdir / "extracted", source), source)
+
+
+def fetch_first(locations: list[str], workdir: Path, checksum: str | None = None, cache: Path | None = None,
+                name: str = "") -> tuple[Path, str, list[dict[str, str]]]:
+    """Fetch the first of `locations` that works: (dataset root, the location used, what failed before it).
+
+    A checksum applies to the archive and URL alternatives only. With one location its own error is
+    raised; with several, one error names every place tried, why each failed, and what to do.
+    """
+    tried = []
+    for number, location in enumerate(locations):
+        folder = workdir / str(number) if len(locations) > 1 else workdir
+        try:
+            is_folder = Path(str(location)).expanduser().is_dir()
+            root = fetch(location, folder, None if is_folder else checksum, cache)
+            return root, location, tried
+        except DataSourceError as exc:
+            if len(locations) == 1:
+                raise
+            tried.append({"location": location, "reason": str(exc).replace(f": {HINT}", "")})
+            shutil.rmtree(folder, ignore_errors=True)
+    places = "; ".join(f"{t['location']} ({t['reason']})" for t in tried)
+    local = next((loc for loc in locations if "://" not in loc), None)
+    todo = f"put the dataset at {local}" if local else "check the network"
+    raise DataSourceError(f"source {name}: none of its {len(locations)} locations worked: {places}: {todo}, "
+                          f"or connect to the internet and run again, or set its location in params.yaml "
+                          f"(data.sources)")

@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 from PIL import Image
 
 from chestxray.data.preprocess import ImageError, decode_image, image_format
@@ -34,27 +35,32 @@ def _color_mode(data: bytes) -> str:
         return ""
 
 
-def validate_bytes(data: bytes, min_size: int) -> Validation:
-    """Validate an image held in memory: JPEG/PNG/DICOM, decodable, both sides >= min_size, gray or RGB."""
+def validate_image(data: bytes, min_size: int) -> tuple[Validation, np.ndarray | None]:
+    """Validate an image held in memory (see validate_bytes) and return its decoded gray pixels when accepted."""
     kind = image_format(data) if data else None
     if not data:
-        return Validation(False, "empty file", 0, 0)
+        return Validation(False, "empty file", 0, 0), None
     if kind is None:
-        return Validation(False, "not a JPEG, PNG or DICOM image", 0, 0)
+        return Validation(False, "not a JPEG, PNG or DICOM image", 0, 0), None
     if kind != "dicom":
         mode = _color_mode(data)
         if mode and mode not in ACCEPTED_MODES:
-            return Validation(False, f"unsupported color mode {mode} (need grayscale or RGB)", 0, 0)
+            return Validation(False, f"unsupported color mode {mode} (need grayscale or RGB)", 0, 0), None
     try:
         gray = decode_image(data)
     except ImageError as exc:
-        return Validation(False, str(exc), 0, 0)
+        return Validation(False, str(exc), 0, 0), None
     except Exception as exc:  # a decoder bug on a hostile file must not stop an ingest run
-        return Validation(False, f"unreadable image ({exc.__class__.__name__})", 0, 0)
+        return Validation(False, f"unreadable image ({exc.__class__.__name__})", 0, 0), None
     height, width = gray.shape[:2]
     if width < min_size or height < min_size:
-        return Validation(False, f"too small ({width}x{height}; min_size is {min_size})", width, height)
-    return Validation(True, "", width, height)
+        return Validation(False, f"too small ({width}x{height}; min_size is {min_size})", width, height), None
+    return Validation(True, "", width, height), gray
+
+
+def validate_bytes(data: bytes, min_size: int) -> Validation:
+    """Validate an image held in memory: JPEG/PNG/DICOM, decodable, both sides >= min_size, gray or RGB."""
+    return validate_image(data, min_size)[0]
 
 
 def validate_file(path: str | Path, min_size: int) -> Validation:
