@@ -9,6 +9,7 @@ whose message is one line saying what is wrong and what to set.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import lzma
 import re
 import shutil
