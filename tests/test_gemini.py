@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from chestxray.explain.gemini import explain_prediction
+from chestxray.explain.gemini import build_prompt, explain_prediction
 from chestxray.serving import create_app
 
 EXPLANATION = "The highlighted regions lie over the lower lung fields. A clinician must interpret the image."
@@ -100,6 +100,26 @@ def test_success_sends_prediction_and_image(stub_url):
     prompt = " ".join(p.get("text", "") for p in parts)
     assert "PNEUMONIA 83.0%" in prompt and "NORMAL 17.0%" in prompt
     assert "not a diagnosis" in prompt and "Do not state or confirm a diagnosis" in prompt
+
+
+def test_three_class_prompt_names_the_class_and_the_uncertainty(stub_url):
+    GeminiStub.requests.clear()
+    prediction = {"predicted_class": "TUBERCULOSIS", "confidence": 0.52, "low_confidence": True,
+                  "probabilities": {"NORMAL": 0.08, "PNEUMONIA": 0.40, "TUBERCULOSIS": 0.52},
+                  "warnings": ["low_confidence", "not_a_chest_xray"]}
+    text, reason = explain_prediction(prediction, PNG, api_key="test-key", base_url=stub_url, timeout_s=TIMEOUT_S)
+    assert text == EXPLANATION and reason is None
+    [sent] = GeminiStub.requests
+    prompt = " ".join(p.get("text", "") for p in sent["body"]["contents"][0]["parts"])
+    assert "predicted class: TUBERCULOSIS, probability 52.0%" in prompt
+    assert "NORMAL 8.0%, PNEUMONIA 40.0%, TUBERCULOSIS 52.0%" in prompt
+    assert "next most probable class: PNEUMONIA 40.0%" in prompt
+    assert "LOW CONFIDENCE" in prompt and "flagged this output as low confidence" in prompt
+    assert "not a chest xray" in prompt
+    assert "not a diagnosis" in prompt and "Do not state or confirm a diagnosis" in prompt
+    # A confident answer is not called uncertain.
+    confident = build_prompt({**prediction, "confidence": 0.97, "low_confidence": False, "warnings": []})
+    assert "LOW CONFIDENCE" not in confident and "not flagged as low confidence" in confident
 
 
 @pytest.mark.parametrize("model, words", [

@@ -61,6 +61,64 @@ def test_card_without_robustness_says_so_and_includes_ood_figures_when_given():
     assert "| n_images | 120 |" in card
 
 
+THREE = ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
+
+
+def _cls(recall, n, auc):
+    return {"precision": 0.9, "recall": recall, "f1": 0.9, "roc_auc": auc, "support": n, "ece": 0.02,
+            "recall_ci95_low": recall - 0.05, "recall_ci95_high": min(recall + 0.03, 1.0)}
+
+
+METRICS3 = {**METRICS, "roc_auc_macro": 0.97, "sensitivity_ci95_low": 0.95, "sensitivity_ci95_high": 0.99,
+            "specificity_ci95_low": 0.75, "specificity_ci95_high": 0.85,
+            "per_class": {"NORMAL": _cls(0.8, 400, 0.96), "PNEUMONIA": _cls(0.97, 390, 0.97),
+                          "TUBERCULOSIS": _cls(0.96, 403, 0.995)},
+            "per_collection": {"tb256/hospital": {"n": 350, "accuracy": 0.9,
+                                                  "TUBERCULOSIS": {"count": 300, "recall": 0.97, "recall_ci95_low": 0.94,
+                                                                   "recall_ci95_high": 0.98, "roc_auc": 0.981},
+                                                  "NORMAL": {"count": 50, "recall": 0.7, "recall_ci95_low": 0.56,
+                                                             "recall_ci95_high": 0.81, "roc_auc": 0.902}},
+                               "kermany": {"n": 624, "accuracy": 0.9,
+                                           "PNEUMONIA": {"count": 390, "recall": 0.97, "recall_ci95_low": 0.95,
+                                                         "recall_ci95_high": 0.98, "roc_auc": 0.96}}},
+            "benchmark": {"n": 624, "accuracy": 0.905, "roc_auc": 0.962, "sensitivity": 0.97, "specificity": 0.78,
+                          "accuracy_served": 0.899},
+            "source_probe": {"n": 900, "accuracy": 0.991, "chance_accuracy": 0.4,
+                             "roc_auc": {"kermany": 0.9999, "tb256/hospital": 0.998, "tb256/public": 0.997}}}
+SHORTCUTS = {"source_probe": {"pipeline_backbone": {"normals_only": {"roc_auc": {"kermany": 0.9997}},
+                                                    "tb_only": {"roc_auc": {"tb256/hospital": 0.998}}}},
+             "cross_collection_auc": {"none": {"tb256/hospital -> tb256/public": {
+                 "probe_xception_whole": {"test": 0.84}, "probe_pipeline_backbone": {"test": 0.86},
+                 "pipeline_head": {"test": 0.87}, "pipeline_head_fine_tuned": {"test": 0.88}}}},
+             "mitigation": {"chosen": "equalise", "test_auc_before": {"tb256/hospital -> tb256/public": 0.87},
+                            "test_auc_after": {"tb256/hospital -> tb256/public": 0.9}}}
+
+
+def test_three_class_card_has_per_class_per_source_benchmark_and_measured_risks():
+    info = {**INFO, "classes": THREE}
+    report = {**REPORT, "classes": THREE, "source": None,
+              "sources": [{"name": "kermany", "location": "../shared/data/kermany224"},
+                          {"name": "tb256", "location": "../shared/data/tb256"}]}
+    card = render_model_card(info, "sha256:0", report, METRICS3, THRESHOLDS, shortcuts=SHORTCUTS)
+    assert "kermany: ../shared/data/kermany224; tb256: ../shared/data/tb256" in card
+    assert "pediatric patients aged one to five" in card and "`TB.N.jpg`" in card
+    assert "| TUBERCULOSIS | 403 | 0.900 | 0.960 | 0.910-0.990 | 0.900 | 0.995 | 0.020 |" in card
+    assert "sensitivity 0.977 (95% CI 0.950-0.990)" in card
+    assert "Two-class benchmark on the Kermany test images (624" in card and "accuracy 0.905" in card
+    assert "| tb256/hospital | TUBERCULOSIS | 300 | 0.970 | 0.940-0.980 | 0.981 |" in card
+    assert "**Adults vs children**" in card and "ROC AUC 0.9997" in card
+    assert "**Burned-in text, PNG vs JPEG**" in card and "ROC AUC 0.9980" in card
+    assert "| tb256/hospital -> tb256/public | 0.840 | 0.860 | 0.870 | 0.880 |" in card
+    assert "`equalise`" in card and "0.870 -> 0.900" in card
+    assert "accuracy 0.991 (chance 0.400" in card
+    assert "age and source are entangled" in card
+
+
+def test_two_class_card_has_no_three_class_sections():
+    card = render_model_card(INFO, "sha256:0", REPORT, METRICS, THRESHOLDS)
+    assert "### Per class" not in card and "## Per source" not in card and "Shortcut risks" not in card
+
+
 @pytest.fixture(scope="module")
 def carded(tiny_artifacts, tmp_path_factory):
     """tiny_artifacts with pipeline-shaped report, metrics, thresholds, robustness and a card the stage wrote."""

@@ -202,3 +202,45 @@ def test_not_a_chest_xray_in_words(browser, ood_artifacts, fullsize_dir, tmp_pat
         error = cards.nth(1).locator(".error")
         assert error.is_visible() and "does not look like a chest X-ray" in error.inner_text()
         assert cards.nth(1).locator(".body").is_hidden()
+
+
+@pytest.fixture(scope="module")
+def three_class_artifacts(tmp_path_factory):
+    """An untrained 3-class MobileNetV2 (96 px) laid out like artifacts/: enough to check the page shows 3 classes."""
+    import keras
+
+    from chestxray.model.build import build_model
+    from conftest import save_artifacts
+
+    keras.utils.set_random_seed(1)
+    model = build_model("mobilenetv2", 96, 3, weights="none", dropout=0.1)
+    return save_artifacts(model, tmp_path_factory.mktemp("three"), ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"], 96,
+                          "mobilenetv2")
+
+
+def test_three_classes_give_three_bars_and_the_heatmap_of_the_predicted_class(browser, three_class_artifacts,
+                                                                              fullsize_dir):
+    from conftest import SHARED
+
+    tb = sorted((SHARED / "data" / "tb256" / "TUBERCULOSIS").glob("TB.*.jpg"))
+    if not tb:
+        pytest.skip("no tb256 films in ../shared/data")
+    films = [sorted(fullsize_dir.glob("PNEUMONIA/*.jpeg"))[0], tb[0]]
+    app = create_app({"CHESTXRAY_ARTIFACTS": str(three_class_artifacts), "GEMINI_API_KEY": ""})
+    expected = [app.test_client().post("/predict", data={"file": (io.BytesIO(p.read_bytes()), p.name)}).get_json()
+                for p in films]
+    with live_server(app) as url:
+        page = browser.new_page(viewport={"width": 1200, "height": 1600})
+        page.goto(url + "/")
+        page.set_input_files("#files", [str(p) for p in films])
+        wait_for_cards(page, 2)
+        for i, want in enumerate(expected):
+            card = page.locator(".result").nth(i)
+            bars = card.locator(".bar-row")
+            assert bars.count() == 3
+            assert [bars.nth(j).get_attribute("data-class") for j in range(3)] == ["NORMAL", "PNEUMONIA",
+                                                                                   "TUBERCULOSIS"]
+            for j, cls in enumerate(["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]):
+                assert bars.nth(j).locator(".bar-value").inner_text() == f"{100 * want['probabilities'][cls]:.1f}%"
+            assert card.locator(".bar-row.predicted").get_attribute("data-class") == want["predicted_class"]
+            assert card.locator(".gradcam-note").inner_text() == f"(heatmap for {want['predicted_class']})"

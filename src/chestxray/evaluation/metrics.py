@@ -1,4 +1,10 @@
-"""Classification metrics for clinicians: sensitivity/specificity for 'any disease', per-class scores, calibration."""
+"""Classification metrics for clinicians: sensitivity/specificity for 'any disease', per-class scores, calibration.
+
+Any number of classes: per-class precision/recall/F1, one-vs-rest ROC AUC and calibration error,
+recall with a 95% Wilson interval (TB sensitivity is the TUBERCULOSIS row), the K x K confusion
+matrix, and "any disease vs normal" at the validation-chosen threshold (see model/decision.py and
+docs/three-class.md). With two classes the figures are what they always were.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -52,6 +58,39 @@ def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = 10)
     return float(ece), table
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z=1.96) Wilson score interval of a proportion successes/n; (nan, nan) when n is 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible at 0/n and n/n, which is
+    where a sensitivity on a few hundred films usually sits.
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
+
+
+def class_calibration_error(truth: np.ndarray, score: np.ndarray, bins: int = 10) -> float:
+    """One-vs-rest ECE of one class: |mean P(class) - share that is the class| per probability bin, weighted."""
+    truth, score = np.asarray(truth, dtype=float), np.asarray(score, dtype=float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # Bin 0 is [0, 1/bins]; the rest (lo, hi]: a probability of exactly 0 still lands somewhere.
+    index = np.clip(np.searchsorted(edges, score, side="left") - 1, 0, bins - 1)
+    ece = 0.0
+    for b in np.unique(index):
+        inside = index == b
+        ece += inside.mean() * abs(truth[inside].mean() - score[inside].mean())
+    return float(ece)
+
+
+def one_vs_rest_auc(truth: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC of `score` for boolean `truth`; nan when only one side is present (not defined)."""
+    truth = np.asarray(truth, dtype=bool)
+    return float(roc_auc_score(truth, score)) if 0 < truth.sum() < len(truth) else float("nan")
+
+
 def roc_auc(y: np.ndarray, probs: np.ndarray, classes: list[str], normal_class: str | None) -> float:
     """Headline AUC: normal vs any disease when there is a normal class, else macro one-vs-rest."""
     if normal_class in classes:
@@ -68,9 +107,11 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str],
     ece, reliability = expected_calibration_error(y, probs, bins)
     per_class = {}
     for k, name in enumerate(classes):
-        auc = roc_auc_score(y == k, probs[:, k]) if 0 < (y == k).sum() < len(y) else float("nan")
+        low, high = wilson_interval(int(((predicted == k) & (y == k)).sum()), int(support[k]))
         per_class[name] = {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
-                           "roc_auc": float(auc), "support": int(support[k])}
+                           "roc_auc": one_vs_rest_auc(y == k, probs[:, k]), "support": int(support[k]),
+                           "recall_ci95_low": low, "recall_ci95_high": high,
+                           "ece": class_calibration_error(y == k, probs[:, k], bins)}
     metrics = {
         "accuracy": float(accuracy_score(y, predicted)),
         "roc_auc": roc_auc(y, probs, classes, normal_class),
@@ -85,6 +126,9 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str],
         diseased, flagged = y != normal, predicted != normal
         metrics["sensitivity"] = float((flagged & diseased).sum() / max(diseased.sum(), 1))
         metrics["specificity"] = float((~flagged & ~diseased).sum() / max((~diseased).sum(), 1))
+        for name, hit, n in (("sensitivity", flagged & diseased, diseased),
+                             ("specificity", ~flagged & ~diseased, ~diseased)):
+            metrics[f"{name}_ci95_low"], metrics[f"{name}_ci95_high"] = wilson_interval(int(hit.sum()), int(n.sum()))
     tables = {"confusion": confusion_matrix(y, predicted, labels=labels).tolist(), "predicted": predicted,
               "reliability": reliability}
     return metrics, tables

@@ -2,7 +2,8 @@
 
 Built only from the pipeline's own files (model_info.json, report.json, metrics.json,
 thresholds.json, the robustness metrics and, when the out-of-distribution check wrote it,
-reference/ood.json), so every number in it is one the pipeline measured.
+reference/ood.json) and the shortcut measurements of research/04_cross_source_tb.py (their JSON,
+when given), so every number in it is one the project measured.
 """
 from __future__ import annotations
 
@@ -48,8 +49,30 @@ KERMANY = ("Kermany et al. 2018 (Guangzhou Women and Children's Medical Center):
            "of pediatric patients aged one to five, from one hospital.")
 
 
+TB256 = ("tb256: adult chest X-rays at 256 px from a public compilation: TB films of one unidentified hospital "
+         "(`TB.N.jpg`, JPEG, often with text burned in) with that hospital's normals (`others_N.jpg`), and TB films "
+         "of the Rahman et al. 2020 database (`Tuberculosis-N.png`) with adult normals of the COVID-19 Radiography "
+         "Database (`Normal-N.png`); no patient ids, test and validation carved out by near-duplicate group.")
+
+
+def _sources(report: dict) -> str:
+    """The data sources' names and locations as one string, whatever shape report.json gives them in."""
+    sources = report.get("sources", report.get("source", ""))
+    if isinstance(sources, dict):
+        sources = [f"{k}: {v}" for k, v in sources.items()]
+    elif isinstance(sources, list):
+        sources = [f"{s.get('name')}: {s.get('location')}" if isinstance(s, dict) else str(s) for s in sources]
+    else:
+        sources = [str(sources)]
+    return "; ".join(sources)
+
+
 def _is_kermany(report: dict) -> bool:
-    return "kermany" in str(report.get("source", "")).lower()
+    return "kermany" in _sources(report).lower()
+
+
+def _is_tb256(report: dict) -> bool:
+    return "tb256" in _sources(report).lower()
 
 
 def _data(report: dict) -> list[str]:
@@ -57,9 +80,10 @@ def _data(report: dict) -> list[str]:
     classes = report.get("classes", [])
     rows = [[split, *[counts[split].get(c, 0) for c in classes], sum(counts[split].values())] for split in counts]
     overlap = report.get("patient_overlap", {})
-    source = KERMANY if _is_kermany(report) else "Describe this data set's population and sites before use."
+    known = [text for test, text in ((_is_kermany, KERMANY), (_is_tb256, TB256)) if test(report)]
+    source = " ".join(known) or "Describe this data set's population and sites before use."
     return ["## Data", "",
-            f"Source: `{report.get('source', 'n/a')}`. {source} Validation is carved out of train by patient; an "
+            f"Source: `{_sources(report) or 'n/a'}`. {source} Validation is carved out of train by patient; an "
             "official test split is kept as released.", "",
             *_table(["split", *classes, "total"], rows), "",
             f"Rejected files: {len(report.get('rejected', []))}. Train images of patients who also appear in "
@@ -80,6 +104,93 @@ def _metrics(metrics: dict) -> list[str]:
             "threshold chosen on validation. ECE is of the served (calibrated) confidence.", ""]
 
 
+def _per_class(metrics: dict) -> list[str]:
+    per_class = metrics.get("per_class", {})
+    if len(per_class) < 3:  # two classes: the performance table says it all
+        return []
+    rows = [[name, c.get("support"), _num(c.get("precision")), _num(c.get("recall")),
+             f"{_num(c.get('recall_ci95_low'))}-{_num(c.get('recall_ci95_high'))}", _num(c.get("f1")),
+             _num(c.get("roc_auc")), _num(c.get("ece"))] for name, c in per_class.items()]
+    lines = ["### Per class (test)", "",
+             *_table(["class", "images", "precision", "recall", "recall 95% CI", "F1", "ROC AUC (one-vs-rest)",
+                      "ECE (one-vs-rest)"], rows), "",
+             f"Any disease vs normal: sensitivity {_num(metrics.get('sensitivity'))} (95% CI "
+             f"{_num(metrics.get('sensitivity_ci95_low'))}-{_num(metrics.get('sensitivity_ci95_high'))}), "
+             f"specificity {_num(metrics.get('specificity'))} ({_num(metrics.get('specificity_ci95_low'))}-"
+             f"{_num(metrics.get('specificity_ci95_high'))}); macro ROC AUC {_num(metrics.get('roc_auc_macro'))}. "
+             "Intervals are 95% Wilson intervals.", ""]
+    bench = metrics.get("benchmark")
+    if bench:
+        lines += [f"Two-class benchmark on the Kermany test images ({bench.get('n')}; NORMAL vs PNEUMONIA, "
+                  f"P(PNEUMONIA) renormalised over the two): accuracy {_num(bench.get('accuracy'))}, ROC AUC "
+                  f"{_num(bench.get('roc_auc'))}, sensitivity {_num(bench.get('sensitivity'))}, specificity "
+                  f"{_num(bench.get('specificity'))}. The served three-class call on the same images is right for "
+                  f"{_pct(bench.get('accuracy_served'))} (a TUBERCULOSIS call on a pneumonia film counts as wrong).",
+                  ""]
+    return lines
+
+
+def _per_source(metrics: dict) -> list[str]:
+    groups = metrics.get("per_collection") or metrics.get("per_source")
+    if not groups:
+        return []
+    classes = list(metrics.get("per_class", {}))
+    rows = []
+    for group, entry in groups.items():
+        for name in classes:
+            if name in entry:
+                c = entry[name]
+                rows.append([group, name, c["count"], _num(c["recall"]),
+                             f"{_num(c['recall_ci95_low'])}-{_num(c['recall_ci95_high'])}", _num(c.get("roc_auc"))])
+    return ["## Per source (test)", "",
+            "Each class within each collection: a class' ROC AUC is of P(class) against the collection's other "
+            "films, so for the TB collections it is TB against normals *of the same source* (n/a where the "
+            "collection holds one class).", "",
+            *_table(["collection", "class", "images", "recall", "recall 95% CI", "ROC AUC"], rows), ""]
+
+
+def _risks(metrics: dict, shortcuts: dict | None) -> list[str]:
+    """Measured shortcut risks: adults vs children, burned-in text, PNG vs JPEG (research/04 and evaluate)."""
+    probe = metrics.get("source_probe")
+    if not shortcuts and not probe:
+        return []
+    lines = ["## Shortcut risks (measured)", "",
+             "Each class and source differ in more than disease: a model can learn where a film came from. "
+             "Measured, not assumed:", ""]
+    if probe and "accuracy" in probe:
+        aucs = ", ".join(f"{k} {_num(v, 4)}" for k, v in probe.get("roc_auc", {}).items())
+        lines.append(f"- This model's features predict the collection of a validation/test film with accuracy "
+                     f"{_num(probe['accuracy'])} (chance {_num(probe.get('chance_accuracy'))}; one-vs-rest ROC AUC "
+                     f"{aucs}; grouped 5-fold logistic regression).")
+    if shortcuts:
+        feats = shortcuts.get("source_probe", {}).get("pipeline_backbone", {})
+        normals, tbs = feats.get("normals_only", {}).get("roc_auc", {}), feats.get("tb_only", {}).get("roc_auc", {})
+        cross = shortcuts.get("cross_collection_auc", {}).get("none", {})
+        mitigation = shortcuts.get("mitigation", {})
+        if normals:
+            lines.append(f"- **Adults vs children**: normal films alone, the backbone's features tell the Kermany "
+                         f"children from the adult normals at ROC AUC {_num(normals.get('kermany'), 4)}: pneumonia is "
+                         "learned on children only, and a child/adult cue is available to the model.")
+        if tbs:
+            lines.append(f"- **Burned-in text, PNG vs JPEG**: TB films alone, the features tell the hospital "
+                         f"collection (JPEG, text on the film) from the public one (PNG) at ROC AUC "
+                         f"{_num(tbs.get('tb256/hospital'), 4)}.")
+        if cross:
+            rows = [[direction, *[_num(entry.get(m, {}).get("test")) for m in
+                                  ("probe_xception_whole", "probe_pipeline_backbone", "pipeline_head",
+                                   "pipeline_head_fine_tuned")]] for direction, entry in cross.items()]
+            lines += ["- **TB across sources**: fitted on one TB collection with its own normals, tested on the "
+                      "other (test half, near-duplicates of training films removed):", "",
+                      *_table(["train -> test", "whole Xception + LR", "pipeline backbone + LR", "pipeline head",
+                               "pipeline head, fine-tuned"], rows), ""]
+        if mitigation:
+            before, after = mitigation.get("test_auc_before", {}), mitigation.get("test_auc_after", {})
+            lines.append(f"- Mitigation chosen on validation: `{mitigation.get('chosen')}`; cross-source test ROC "
+                         "AUC " + "; ".join(f"{k}: {_num(before.get(k))} -> {_num(after.get(k))}" for k in before)
+                         + ".")
+    return lines + [""]
+
+
 def _calibration(metrics: dict, thresholds: dict) -> list[str]:
     val, low = metrics.get("val", {}), thresholds.get("low_confidence_rule", {})
     test_low = metrics.get("low_confidence", {})
@@ -88,7 +199,8 @@ def _calibration(metrics: dict, thresholds: dict) -> list[str]:
             f"ECE on test {_num(metrics.get('ece_uncalibrated'))} before, {_num(metrics.get('ece'))} after; on "
             f"validation {_num(val.get('ece_uncalibrated'))} before, {_num(val.get('ece'))} after.",
             f"- Decision threshold on P(any disease): {_num(thresholds.get('decision_threshold'))} "
-            f"(Youden's J on calibrated validation probabilities).",
+            f"(Youden's J on calibrated validation probabilities); an abnormal film gets the most probable "
+            f"disease class.",
             f"- Low-confidence threshold: {_num(thresholds.get('low_confidence'))}, the confidence below which "
             f"validation accuracy falls under {_pct(low.get('target_accuracy'))} ({low.get('case', 'n/a')}). "
             f"Flagged: {_pct(low.get('flagged_share'))} of validation, {_pct(test_low.get('flagged_share'))} of test "
@@ -127,9 +239,15 @@ def _ood(ood: dict | None) -> list[str]:
 
 
 def _limitations(report: dict, info: dict, metrics: dict) -> list[str]:
-    population = ("one pediatric data set from one hospital; adult, portable/ICU, lateral and other sites' images "
-                  "are outside what was measured" if _is_kermany(report) else "one data set; other populations "
-                  "and sites are outside what was measured")
+    if _is_kermany(report) and _is_tb256(report):
+        population = ("pediatric pneumonia and normal films from one hospital and adult TB and normal films from "
+                      "other sources: no class was seen in both children and adults, so age and source are "
+                      "entangled with the classes (see Shortcut risks)")
+    elif _is_kermany(report):
+        population = ("one pediatric data set from one hospital; adult, portable/ICU, lateral and other sites' "
+                      "images are outside what was measured")
+    else:
+        population = "these data sets; other populations and sites are outside what was measured"
     lines = ["## Limitations", "", f"- Trained and tested on {population}.",
              f"- Only these classes: {', '.join(info.get('classes', []))}; other findings are not recognised and "
              "will be called one of them."]
@@ -147,12 +265,14 @@ def _limitations(report: dict, info: dict, metrics: dict) -> list[str]:
 
 def render_model_card(info: dict, version: str, report: dict, metrics: dict, thresholds: dict,
                       robustness: dict | None = None, robustness_table: list[dict] | None = None,
-                      ood: dict | None = None) -> str:
-    """The model card as Markdown, from the pipeline's outputs (robustness and ood sections when given)."""
+                      ood: dict | None = None, shortcuts: dict | None = None) -> str:
+    """The model card as Markdown, from the pipeline's outputs (robustness, ood and the shortcut
+    measurements of research/04_cross_source_tb.py when given)."""
     lines = ["# Model card: chestxray", "",
              "> Decision support, not a diagnosis. Every output is a probability from a model trained on one "
              "data set.", "",
-             *_model(info, version), *_intended_use(), *_data(report), *_metrics(metrics),
-             *_calibration(metrics, thresholds), *_robustness(robustness, robustness_table), *_ood(ood),
+             *_model(info, version), *_intended_use(), *_data(report), *_metrics(metrics), *_per_class(metrics),
+             *_per_source(metrics), *_risks(metrics, shortcuts), *_calibration(metrics, thresholds),
+             *_robustness(robustness, robustness_table), *_ood(ood),
              *_limitations(report, info, metrics)]
     return "\n".join(lines)

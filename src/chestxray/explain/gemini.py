@@ -22,28 +22,43 @@ PROMPT = """You are helping a clinician read the output of an automated chest X-
 The classifier is decision support only; it is not a diagnosis and may be wrong.
 
 Classifier output:
-- predicted class: {predicted_class}
-- confidence: {confidence:.1%}
+- classes it can output: {classes} (it recognises no other finding and must call every image one of these)
+- predicted class: {predicted_class}, probability {confidence:.1%}
+- next most probable class: {runner_up}
 - class probabilities: {probabilities}
-- low-confidence flag: {low_confidence}
+- uncertainty: {uncertainty}
 
 The attached image is the X-ray with a Grad-CAM heatmap over it: red/yellow areas influenced the
-predicted class ({explained_class}) most, blue areas least.
+class {explained_class} most, blue areas least.
 
-In at most 120 words of plain text (no headings, no lists): say what the heatmap suggests the
-model looked at, whether those regions are plausible for this finding, and what could make the
-output unreliable. Do not state or confirm a diagnosis, do not recommend treatment, and end by
-reminding the reader that a qualified clinician must interpret the image."""
+In at most 120 words of plain text (no headings, no lists): first name the model's output class and
+how certain the model is, using the probabilities above{low_confidence_instruction}; then say what
+the heatmap suggests the model looked at, whether those regions are plausible for this finding, and
+what could make the output unreliable (for example text or markers on the film, or an image unlike
+the training data). Do not state or confirm a diagnosis, do not recommend treatment, and end by
+reminding the reader that this is not a diagnosis and a qualified clinician must interpret the image."""
+
+LOW_CONFIDENCE = ("LOW CONFIDENCE -- the model's confidence is below the level where its validation accuracy "
+                  "drops under target; the output should not be relied on")
+LOW_CONFIDENCE_INSTRUCTION = ", and say plainly that the model flagged this output as low confidence"
 
 
 def build_prompt(prediction: dict[str, Any], explained_class: str | None = None) -> str:
-    """The text part of the request, filled in with the prediction."""
-    probabilities = ", ".join(f"{c} {p:.1%}" for c, p in prediction["probabilities"].items())
+    """The text part of the request: the predicted class, every class' probability and the uncertainty."""
+    ranked = sorted(prediction["probabilities"].items(), key=lambda item: -item[1])
+    runner_up = next(((c, p) for c, p in ranked if c != prediction["predicted_class"]), None)
+    uncertainty = LOW_CONFIDENCE if prediction.get("low_confidence") else "not flagged as low confidence"
+    warnings = [w for w in prediction.get("warnings", []) if w != "low_confidence"]
+    if warnings:
+        uncertainty += "; warnings: " + ", ".join(w.replace("_", " ") for w in warnings)
     return PROMPT.format(
+        classes=", ".join(prediction["probabilities"]),
         predicted_class=prediction["predicted_class"],
         confidence=prediction["confidence"],
-        probabilities=probabilities,
-        low_confidence="yes" if prediction.get("low_confidence") else "no",
+        runner_up=f"{runner_up[0]} {runner_up[1]:.1%}" if runner_up else "none",
+        probabilities=", ".join(f"{c} {p:.1%}" for c, p in prediction["probabilities"].items()),
+        uncertainty=uncertainty,
+        low_confidence_instruction=LOW_CONFIDENCE_INSTRUCTION if prediction.get("low_confidence") else "",
         explained_class=explained_class or prediction["predicted_class"],
     )
 

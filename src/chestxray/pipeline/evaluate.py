@@ -47,16 +47,23 @@ def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: P
     manifest = pd.read_csv(data_dir / "manifest.csv")
     rows = {s: manifest[manifest.split == s] for s in ("val", "test")}
     y = {s: np.array([classes.index(c) for c in r.label]) for s, r in rows.items()}
-    raw = {s: predictor.served_probabilities_for_files([str(data_dir / p) for p in r.path]) for s, r in rows.items()}
+    outputs = {s: predictor.served_outputs_for_files([str(data_dir / p) for p in r.path]) for s, r in rows.items()}
+    raw = {s: probabilities for s, (probabilities, _) in outputs.items()}
 
     thresholds, probs = fit_on_validation(params, y, raw, classes, normal)
     metrics, tables = score(params, y, raw, probs, classes, normal, thresholds)
+    metrics.update(by_source(params, rows["test"], y["test"], probs["test"], tables["predicted"], classes, normal,
+                             thresholds["decision_threshold"]))
+    probe = source_probe(rows, {s: features for s, (_, features) in outputs.items()})
+    if probe is not None:
+        metrics["source_probe"] = probe
     threshold = thresholds["decision_threshold"]
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / METRICS_FILE, metrics)
     write_json(out / THRESHOLDS_FILE, thresholds)
-    predictions = pd.DataFrame({"path": rows["test"].path.values, "label": rows["test"].label.values,
+    origin = {c: rows["test"][c].values for c in ORIGIN_COLUMNS if c in rows["test"]}
+    predictions = pd.DataFrame({"path": rows["test"].path.values, "label": rows["test"].label.values, **origin,
                                 "predicted": [classes[k] for k in tables["predicted"]],
                                 **{f"p_{c}": probs["test"][:, k] for k, c in enumerate(classes)},
                                 "low_confidence": tables["low_confidence"]})
@@ -72,6 +79,13 @@ def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: P
           f"(uncalibrated {metrics['ece_uncalibrated']:.4f}; temperature {thresholds['temperature']:.3f} and "
           f"threshold {threshold:.3f} from val); low confidence below {thresholds['low_confidence']:.3f}: "
           f"{metrics['low_confidence']['flagged_share']:.1%} of test flagged")
+    for name, scores in metrics["per_class"].items():
+        print(f"  {name}: recall {scores['recall']:.4f} (95% CI {scores['recall_ci95_low']:.4f}-"
+              f"{scores['recall_ci95_high']:.4f}, n={scores['support']}), one-vs-rest ROC AUC {scores['roc_auc']:.4f}")
+    if "benchmark" in metrics:
+        bench = metrics["benchmark"]
+        print(f"  two-class benchmark ({bench['n']} images): accuracy {bench['accuracy']:.4f}, ROC AUC "
+              f"{bench['roc_auc']:.4f} (served {len(classes)}-class call: accuracy {bench['accuracy_served']:.4f})")
 
     with tracking.resume_run(config, model_dir / "mlflow_run.json"):
         flat = {k: v for k, v in tracking.flatten(metrics).items() if isinstance(v, (int, float)) and np.isfinite(v)}
@@ -91,6 +105,52 @@ def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: P
     print(f"registered {name} version {version}" + (" as champion" if promoted else " (champion unchanged)"))
 
 
+# Manifest columns that say where an image came from (ingest writes them; older manifests lack them).
+ORIGIN_COLUMNS = ("source", "collection")
+
+
+def by_source(params: dict, test: "pd.DataFrame", y, probs, predicted, classes: list[str], normal: str | None,
+              threshold: float) -> dict:
+    """metrics.json blocks per source and per collection, and the two-class benchmark on one source's images.
+
+    The benchmark (params `benchmark`: source and the two classes) takes the test images of that
+    source (all of them when the manifest has no `source` column, i.e. one source), so a three-class
+    run and a two-class run can be compared key for key with `dvc metrics diff`.
+    """
+    import numpy as np
+
+    from chestxray.evaluation.per_source import group_metrics, two_class_benchmark
+
+    out = {}
+    for column in ORIGIN_COLUMNS:
+        if column in test:
+            out[f"per_{column}"] = group_metrics(y, probs, predicted, classes, normal, test[column].values)
+    spec = params.get("benchmark") or {}
+    if spec and normal is not None:
+        rows = (test.source == spec["source"]).values if "source" in test else np.ones(len(test), bool)
+        bench = two_class_benchmark(y[rows], probs[rows], predicted[rows], classes, list(spec["classes"]), normal,
+                                    threshold, params["calibration_bins"])
+        if bench is not None:
+            out["benchmark"] = bench
+    return out
+
+
+def source_probe(rows: dict, features: dict) -> dict | None:
+    """How well the model's pooled features (val + test) tell the collections apart: grouped 5-fold
+    logistic regression (chestxray.evaluation.shortcuts.source_probe). None with one collection."""
+    import numpy as np
+    import pandas as pd
+
+    from chestxray.evaluation.shortcuts import source_probe as probe
+
+    both = pd.concat([rows["val"], rows["test"]])
+    column = next((c for c in ("collection", "source") if c in both), None)
+    if column is None or both[column].nunique() < 2 or any(features[s] is None for s in ("val", "test")):
+        return None
+    groups = both["group"].astype(str).values if "group" in both else None
+    return probe(np.concatenate([features["val"], features["test"]]), both[column].values, groups)
+
+
 def fit_on_validation(params: dict, y: dict, raw: dict, classes: list[str],
                       normal: str | None) -> tuple[dict, dict]:
     """(thresholds.json content, served probabilities per split): temperature, then decision and
@@ -108,7 +168,8 @@ def fit_on_validation(params: dict, y: dict, raw: dict, classes: list[str],
                                 params["low_confidence_target_accuracy"])
     thresholds = {"decision_threshold": threshold, "low_confidence": low.pop("threshold"),
                   "temperature": temperature, "tta": bool(params.get("tta", False)), "chosen_on": "validation",
-                  "rule": "abnormal when 1 - P(normal) >= decision_threshold; P = softmax(log p / temperature)",
+                  "rule": "abnormal when 1 - P(normal) >= decision_threshold, then the most probable other class; "
+                          "else normal; P = softmax(log p / temperature) (docs/three-class.md)",
                   "low_confidence_rule": low}
     return thresholds, probs
 

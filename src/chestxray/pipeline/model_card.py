@@ -6,7 +6,8 @@
 A stage of its own because the card holds evaluate's *and* robustness' results and a DVC output
 belongs to one stage. The app serves the card at /model/card; it is also logged to the MLflow run
 that train opened (`evaluation/model_card.md`), where a model loaded from the registry finds it.
-reference/ood.json (the out-of-distribution check's figures) is included when it exists.
+reference/ood.json (the out-of-distribution check's figures) is included when it exists, and so
+are the shortcut measurements research/04_cross_source_tb.py writes (--shortcuts).
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from chestxray.pipeline.common import run_stage
 from chestxray.settings import load_config
 
 
+# Written by research/04_cross_source_tb.py (minutes on 2 cores: a research script, not a stage).
+SHORTCUTS = "research/results/04_cross_source_tb.json"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="config/config.yaml")
@@ -26,9 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluation", default="artifacts/evaluation")
     parser.add_argument("--robustness", default="artifacts/robustness")
     parser.add_argument("--reference", default="artifacts/reference")
+    parser.add_argument("--shortcuts", default=SHORTCUTS, help="research/04's JSON (left out when missing)")
     args = parser.parse_args(argv)
     run_stage(lambda: model_card(load_config(args.config), Path(args.data), Path(args.model), Path(args.evaluation),
-                                 Path(args.robustness), Path(args.reference)),
+                                 Path(args.robustness), Path(args.reference), Path(args.shortcuts)),
               Path(args.evaluation))
 
 
@@ -41,7 +47,7 @@ def _json(path: Path, required: bool = True) -> dict | None:
 
 
 def write_model_card(data_dir: Path, model_dir: Path, evaluation_dir: Path, robustness_dir: Path,
-                     reference_dir: Path) -> Path:
+                     reference_dir: Path, shortcuts: Path | None = None) -> Path:
     """Render the card from the stages' files into evaluation_dir/model_card.md; returns its path."""
     import pandas as pd
 
@@ -56,20 +62,21 @@ def write_model_card(data_dir: Path, model_dir: Path, evaluation_dir: Path, robu
         report=_json(data_dir / "report.json"), metrics=_json(evaluation_dir / METRICS_FILE),
         thresholds=_json(evaluation_dir / THRESHOLDS_FILE),
         robustness=_json(robustness_dir / "metrics.json", required=False), robustness_table=table,
-        ood=_json(reference_dir / "ood.json", required=False))
+        ood=_json(reference_dir / "ood.json", required=False),
+        shortcuts=_json(shortcuts, required=False) if shortcuts is not None else None)
     path = evaluation_dir / MODEL_CARD_FILE
     path.write_text(card)
     return path
 
 
 def model_card(config: dict, data_dir: Path, model_dir: Path, evaluation_dir: Path, robustness_dir: Path,
-               reference_dir: Path) -> None:
+               reference_dir: Path, shortcuts: Path | None = None) -> None:
     """Write the card and log it to the pipeline's MLflow run."""
     import mlflow
 
     from chestxray import tracking
 
-    path = write_model_card(data_dir, model_dir, evaluation_dir, robustness_dir, reference_dir)
+    path = write_model_card(data_dir, model_dir, evaluation_dir, robustness_dir, reference_dir, shortcuts)
     print(f"model card -> {path}")
     with tracking.resume_run(config, model_dir / "mlflow_run.json"):
         mlflow.log_artifact(str(path), "evaluation")
