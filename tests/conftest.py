@@ -15,12 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHESTXRAY_SHARED", ROOT.parent / "shared"))
 KERMANY224 = SHARED / "data" / "kermany224"
 FULLSIZE = SHARED / "data" / "kermany-val-fullsize"
+TB256 = SHARED / "data" / "tb256"
 XCEPTION_WEIGHTS = SHARED / "weights" / "xception_imagenet_notop.weights.h5"
 
 
+def missing(message: str) -> None:
+    """Something a test needs is absent: a skip locally, a failure under CI (CI=true), so that a CI
+    machine without the data or the browser cannot go green having tested little."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
 def _need(path: Path) -> Path:
+    """The real data or weights at `path` (see `missing`)."""
     if not path.exists():
-        pytest.skip(f"real data not found at {path} (see ../shared/data/README.md)")
+        missing(f"real data not found at {path}: put the shared data beside the repo (../shared, see "
+                f"../shared/data/README.md) or point CHESTXRAY_SHARED at it")
     return path
 
 
@@ -32,6 +43,11 @@ def kermany224() -> Path:
 @pytest.fixture(scope="session")
 def fullsize_dir() -> Path:
     return _need(FULLSIZE)
+
+
+@pytest.fixture(scope="session")
+def tb256() -> Path:
+    return _need(TB256)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import missing
 from test_api import live_server
 
 from chestxray.serving import create_app
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+        missing(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
@@ -219,12 +220,8 @@ def three_class_artifacts(tmp_path_factory):
 
 
 def test_three_classes_give_three_bars_and_the_heatmap_of_the_predicted_class(browser, three_class_artifacts,
-                                                                              fullsize_dir):
-    from conftest import SHARED
-
-    tb = sorted((SHARED / "data" / "tb256" / "TUBERCULOSIS").glob("TB.*.jpg"))
-    if not tb:
-        pytest.skip("no tb256 films in ../shared/data")
+                                                                              fullsize_dir, tb256):
+    tb = sorted((tb256 / "TUBERCULOSIS").glob("TB.*.jpg"))
     films = [sorted(fullsize_dir.glob("PNEUMONIA/*.jpeg"))[0], tb[0]]
     app = create_app({"CHESTXRAY_ARTIFACTS": str(three_class_artifacts), "GEMINI_API_KEY": ""})
     expected = [app.test_client().post("/predict", data={"file": (io.BytesIO(p.read_bytes()), p.name)}).get_json()

@@ -12,14 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SHARED, _need, copy_model, write_manifest
+from conftest import copy_model, write_manifest
 
 CLASSES = ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
-
-
-@pytest.fixture(scope="module")
-def tb256() -> object:
-    return _need(SHARED / "data" / "tb256")
 
 
 def _images(kermany224, tb256, per: int, offset: int) -> list[dict]:

@@ -3,7 +3,7 @@
 Public compilations re-publish each other's images resized and re-encoded, and one film is often
 exported twice; such copies must sit in one split. The hash is imagehash's 256-bit DCT hash
 (`phash`, hash_size 16) of the decoded gray image. Measured on the real data (docs/data.md,
-bench/near_duplicates.py): resized / re-encoded copies lie at distance <= 8 of their originals,
+tests/test_duplicates.py): resized / re-encoded copies lie at distance <= 8 of their originals,
 visually confirmed re-exports of one film up to 48, different patients from about 52, and
 unrelated images of different sources never below 56.
 """
