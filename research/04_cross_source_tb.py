@@ -83,7 +83,7 @@ bottom = activations("none", table)
 features = {"pipeline_backbone": pooled(trunc, bottom), "xception_whole": pooled(whole, bottom)}
 results: dict = {"n_images": table.groupby(["collection", "label"]).size().rename("n").reset_index()
                  .to_dict("records"),
-                 "near_duplicates": {"hash": "dhash 256 bit, linked at <= 12 bits",
+                 "near_duplicates": {"hash": "ingest's: phash 256 bit, linked at <= NEAR_DUPLICATE_DISTANCE",
                                      "images_with_a_near_duplicate": int((sizes > 1).sum()),
                                      "groups_spanning_collections":
                                          int(table.groupby("group").collection.nunique().gt(1).sum())}}

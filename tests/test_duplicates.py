@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chestxray.data.duplicates import near_pairs, perceptual_hash
-from chestxray.pipeline.ingest import NEAR_DUPLICATE_DISTANCE, ingest
+from chestxray.data.duplicates import NEAR_DUPLICATE_DISTANCE, near_pairs, perceptual_hash
+from chestxray.pipeline.ingest import ingest
 
 
 def _gray(image: Image.Image) -> np.ndarray:

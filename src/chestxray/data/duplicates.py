@@ -18,6 +18,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 HASH_SIZE = 16  # 16 x 16 = 256 bits
+NEAR_DUPLICATE_DISTANCE = 48  # the default data.near_duplicate_distance: between re-exports (<= 48) and other films (>= 52)
 HASH_BYTES = HASH_SIZE * HASH_SIZE // 8
 _CHUNK = 2048  # rows compared at once: a 2048 x n float32 block (~80 MB for 10,000 images)
 

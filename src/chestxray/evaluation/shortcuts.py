@@ -36,17 +36,15 @@ def collection_table(root: str | Path, source: str = "tb256",
     return pd.DataFrame(rows)
 
 
-def near_duplicate_groups(paths: list[str], max_distance: int = 12, hash_size: int = 16) -> np.ndarray:
-    """A group id per image: images whose difference hashes (hash_size^2 bits) differ in at most
-    `max_distance` bits are linked, and linked images (transitively) share a group."""
-    import imagehash
+def near_duplicate_groups(paths: list[str]) -> np.ndarray:
+    """A group id per image, with ingest's rule (chestxray.data.duplicates, NEAR_DUPLICATE_DISTANCE):
+    images whose perceptual hashes are that close are linked, and linked images share a group."""
     from PIL import Image
-    from scipy.sparse.csgraph import connected_components
 
-    bits = np.stack([imagehash.dhash(Image.open(p).convert("L"), hash_size=hash_size).hash.ravel()
-                     for p in paths]).astype(np.float32)
-    distance = bits @ (1 - bits).T + (1 - bits) @ bits.T  # pairwise Hamming distances
-    return connected_components(distance <= max_distance, directed=False)[1]
+    from chestxray.data.duplicates import NEAR_DUPLICATE_DISTANCE, connected_groups, near_pairs, perceptual_hash
+
+    hashes = np.stack([perceptual_hash(np.asarray(Image.open(p).convert("L"))) for p in paths])
+    return connected_groups(len(paths), [(i, j) for i, j, _ in near_pairs(hashes, NEAR_DUPLICATE_DISTANCE)])
 
 
 def grouped_halves(labels: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:

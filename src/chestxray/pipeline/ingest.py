@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from chestxray.atomic import leftover_name, remove_dead_leftovers
-from chestxray.data.duplicates import connected_groups, near_pairs, perceptual_hash
+from chestxray.data.duplicates import NEAR_DUPLICATE_DISTANCE, connected_groups, near_pairs, perceptual_hash
 from chestxray.data.sources import DataSourceError, fetch_first, split_folders
 from chestxray.data.split import patient_classes, patient_id, split_patients
 from chestxray.data.validate import validate_image
@@ -39,7 +39,6 @@ SPLIT_ORDER = ("train", "val", "test")
 MANIFEST_COLUMNS = ["path", "label", "split", "patient", "width", "height", "sha256", "source", "collection", "group"]
 OVERLAP_POLICIES = ("drop", "keep")
 LEGACY_NAME = "data"  # the source name of the older single data.source (the same wherever its files come from)
-NEAR_DUPLICATE_DISTANCE = 48  # bits of 256; why this value: data/duplicates.py and docs/data.md
 
 
 @dataclass
