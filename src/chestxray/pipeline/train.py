@@ -7,21 +7,20 @@ per-epoch metrics. See chestxray.model.training for why training runs on cached 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from chestxray.atomic import atomic_path, leftover_name, remove_dead_leftovers, write_json
-from chestxray.pipeline.common import run_stage
+from chestxray.pipeline.common import StageParser, run_stage
 from chestxray.settings import load_config, load_params
 
 CHECKPOINT = ".best"  # the best epoch's weights while a phase trains (see _fit)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StageParser(__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--data", default="artifacts/data")
