@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from chestxray.logs import quiet_libraries
 from chestxray.model.network import BACKENDS  # no TensorFlow at import time: --help stays fast
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm"}
@@ -142,6 +143,8 @@ def _add_predict(sub) -> None:
                    help="auto (default): ONNX Runtime if artifacts/export/model.onnx is there, else Keras")
     p.add_argument("--tta", action="store_true",
                    help="average each prediction over test-time augmentation views (flip, shifts; 4x slower)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show TensorFlow's and other libraries' log lines and warnings")
     p.set_defaults(handler=predict_command)
 
 
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0].replace("-", "_") in PIPELINE_STAGES:
         return _run_stage(argv[0].replace("-", "_"), argv[1:])
     args = build_parser().parse_args(argv)
+    quiet_libraries(getattr(args, "verbose", False))  # before the handler imports TensorFlow
     handler: Callable[[argparse.Namespace], int] = args.handler
     return handler(args)
 

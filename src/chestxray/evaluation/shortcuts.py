@@ -175,7 +175,7 @@ def fit_head(split, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
                                              restore_best_weights=True)
         model.fit(T.arrays_dataset(x_train, train_y, n, batch, train["seed"]),
                   validation_data=T.arrays_dataset(x_val, val_y, n, batch), epochs=epochs, class_weight=weights,
-                  callbacks=[stop], verbose=0)
+                  callbacks=[stop], verbose=0, shuffle=False)  # the dataset shuffles itself
 
     T.set_fine_tuning(split, False)
     pooled_train, pooled_val = (T.run_in_batches(split.pooled, x, 64) for x in (train_x, val_x))

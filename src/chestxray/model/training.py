@@ -7,6 +7,8 @@ fine-tunes them with the head, all on the cached activations. The saved model is
 """
 from __future__ import annotations
 
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -17,6 +19,7 @@ import tensorflow as tf
 from chestxray.model.build import backbone_of, head_layers
 
 AUTOTUNE = tf.data.AUTOTUNE
+PROGRESS_EVERY_S = 30.0  # seconds between progress lines while caching activations
 
 
 def get_strategy() -> tf.distribute.Strategy:
@@ -133,18 +136,45 @@ def set_fine_tuning(split: SplitModel, enabled: bool) -> None:
         layer.trainable = enabled and not isinstance(layer, keras.layers.BatchNormalization)
 
 
-def cache_activations(bottom: keras.Model, ds: tf.data.Dataset, out: np.ndarray) -> np.ndarray:
+def inference_function(model: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
+    """`model(batch, training=False)` as a graph function, made once per model and reused.
+
+    One function per model with a batch-size-free signature traces once: making a new tf.function on
+    every call (and tracing again for the last, smaller batch) is what set off TensorFlow's
+    "triggered tf.function retracing" warning.
+    """
+    run = _INFERENCE.get(model)
+    if run is None:
+        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        ref = weakref.ref(model)  # a strong reference in the value would keep the model (the key) alive forever
+        run = _INFERENCE[model] = tf.function(lambda batch: ref()(batch, training=False), input_signature=[spec])
+    return run
+
+
+_INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cache_activations(bottom: keras.Model, ds: tf.data.Dataset, out: np.ndarray, label: str = "activations",
+                      every_s: float = PROGRESS_EVERY_S) -> np.ndarray:
     """Run the frozen bottom over a dataset once, writing each batch into `out` (preallocated, float16).
 
     Filling one preallocated array keeps a single copy of the cache: collecting batches and
     concatenating them would hold two. float16 halves memory at no cost to accuracy here.
+    A progress line (`label: images done of total`) every `every_s` seconds, flushed, so that it shows
+    when the output goes to a file (as under `dvc repro`).
     """
-    run = tf.function(lambda batch: bottom(batch, training=False), reduce_retracing=True)  # graph mode: faster, no eager leaks
-    filled = 0
+    run = inference_function(bottom)  # graph mode: faster, no eager leaks
+    filled, started = 0, time.monotonic()
+    last = started
     for batch in ds:
-        activations = run(batch).numpy()
+        activations = run(tf.cast(batch, tf.float32)).numpy()
         out[filled:filled + len(activations)] = activations
         filled += len(activations)
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            print(f"{label}: {filled:,} of {len(out):,} images ({filled / max(len(out), 1):.0%}), "
+                  f"{now - started:.0f}s", flush=True)
     if filled != len(out):
         raise ValueError(f"the dataset gave {filled} images for a cache of {len(out)}")
     return out
@@ -155,7 +185,7 @@ def run_in_batches(model: keras.Model, x: np.ndarray, batch_size: int) -> np.nda
 
     Keras' predict() would first convert all of `x` to float32 tensors: twice the cache, and more.
     """
-    run = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True)
+    run = inference_function(model)
     return np.concatenate([run(x[i:i + batch_size].astype(np.float32)).numpy()
                            for i in range(0, len(x), batch_size)])
 

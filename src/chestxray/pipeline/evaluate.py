@@ -10,16 +10,15 @@ opened, registers the model and moves the `champion` alias to it if it beats the
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from chestxray.atomic import atomic_path, write_json
-from chestxray.pipeline.common import run_stage
+from chestxray.pipeline.common import StageParser, run_stage
 from chestxray.settings import load_config, load_params
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StageParser(__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--data", default="artifacts/data")

@@ -10,11 +10,10 @@ are logged to the MLflow run that train opened.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from chestxray.atomic import atomic_path
-from chestxray.pipeline.common import run_stage
+from chestxray.pipeline.common import StageParser, run_stage
 from chestxray.settings import load_config
 
 CHECK_FILE = "check.json"
@@ -23,7 +22,7 @@ CHECK_FILE = "check.json"
 def main(argv: list[str] | None = None) -> None:
     from chestxray.model.onnx_export import TOLERANCE
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StageParser(__doc__)
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--data", default="artifacts/data")
     parser.add_argument("--model", default="artifacts/training")

@@ -13,7 +13,6 @@ whole run succeeded. See docs/data.md.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -32,7 +31,7 @@ from chestxray.data.duplicates import NEAR_DUPLICATE_DISTANCE, connected_groups,
 from chestxray.data.sources import DataSourceError, fetch_first, split_folders
 from chestxray.data.split import patient_classes, patient_id, split_patients
 from chestxray.data.validate import validate_image
-from chestxray.pipeline.common import run_stage
+from chestxray.pipeline.common import StageParser, run_stage
 from chestxray.settings import load_params
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -466,7 +465,7 @@ def summary(report: dict[str, Any], out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StageParser(__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="artifacts/data")
     args = parser.parse_args(argv)

@@ -11,11 +11,10 @@ are the shortcut measurements research/04_cross_source_tb.py writes (--shortcuts
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from chestxray.pipeline.common import run_stage
+from chestxray.pipeline.common import StageParser, run_stage
 from chestxray.settings import load_config
 
 
@@ -24,7 +23,7 @@ SHORTCUTS = "research/results/04_cross_source_tb.json"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StageParser(__doc__)
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--data", default="artifacts/data")
     parser.add_argument("--model", default="artifacts/training")

@@ -4,17 +4,16 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from chestxray.atomic import atomic_path, write_json
-from chestxray.pipeline.common import run_stage
+from chestxray.pipeline.common import StageParser, run_stage
 from chestxray.settings import load_params
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StageParser(__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", default="artifacts/data", help="ingest output (its report.json names the classes)")
     parser.add_argument("--out", default="artifacts/base_model")

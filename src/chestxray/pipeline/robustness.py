@@ -12,21 +12,20 @@ to the MLflow run that train opened. ONNX Runtime computes the probabilities whe
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from chestxray.pipeline.common import run_stage
+from chestxray.pipeline.common import StageParser, run_stage
 from chestxray.settings import load_config, load_params
 
 METRICS = ("accuracy", "roc_auc", "ece", "sensitivity", "specificity")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StageParser(__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--data", default="artifacts/data")

@@ -7,21 +7,20 @@ per-epoch metrics. See chestxray.model.training for why training runs on cached 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from chestxray.atomic import atomic_path, leftover_name, remove_dead_leftovers, write_json
-from chestxray.pipeline.common import run_stage
+from chestxray.pipeline.common import StageParser, run_stage
 from chestxray.settings import load_config, load_params
 
 CHECKPOINT = ".best"  # the best epoch's weights while a phase trains (see _fit)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StageParser(__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--data", default="artifacts/data")
@@ -51,6 +50,7 @@ def _fit(model, train_ds, val_ds, epochs: int, optimizer, loss, phase: str, hist
     try:
         model.fit(
             train_ds, validation_data=val_ds, epochs=epochs, class_weight=class_weight, verbose=2,
+            shuffle=False,  # the dataset shuffles itself (arrays_dataset); Keras would only warn it ignores this
             callbacks=[
                 keras.callbacks.ModelCheckpoint(best, monitor="val_auc", mode="max", save_best_only=True,
                                                 save_weights_only=True),
@@ -111,13 +111,14 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
         shape = tuple(split.bottom.output.shape[1:])
         n_train, n_views = len(paths["train"]), 1 + tp["augment_views"]
         val_x = T.cache_activations(split.bottom, image_dataset(paths["val"], size, batch),
-                                    np.empty((len(paths["val"]), *shape), np.float16))
+                                    np.empty((len(paths["val"]), *shape), np.float16), "caching val")
         # All views of the train set in one preallocated array: view 0 as is, then augmented copies.
         train_x = np.empty((n_train * n_views, *shape), np.float16)
         for view in range(n_views):
             augment = T.augmentation(tp["augment"], seed=tp["seed"] + view - 1) if view else None
             T.cache_activations(split.bottom, image_dataset(paths["train"], size, batch, augment),
-                                train_x[view * n_train:(view + 1) * n_train])
+                                train_x[view * n_train:(view + 1) * n_train],
+                                f"caching train, view {view + 1} of {n_views}")
         train_y = np.tile(labels["train"], n_views)
         cache_s = time.perf_counter() - started
         print(f"cached activations {train_x.shape} (train, {n_views} views) "
