@@ -8,8 +8,8 @@ another `python main.py` or a `dvc repro` in the same folder is refused (see che
 """
 import sys
 
-from chestxray.pipeline import (evaluate, export, ingest, model_card, prepare_base_model, reference, robustness,
-                                train)
+from chestxray.pipeline import (evaluate, export, ingest, model_card, prepare_base_model, reference, register,
+                                robustness, train)
 from chestxray.pipeline.lock import PipelineBusy, whole_run_lock
 
 STAGES = {
@@ -21,6 +21,7 @@ STAGES = {
     "export": export.main,
     "robustness": robustness.main,
     "model_card": model_card.main,
+    "register": register.main,
 }
 
 

@@ -94,7 +94,10 @@ def test_mlflow_run_and_registered_champion(project):
         a.path for a in client.list_artifacts(run_id, "reference")}
     assert "ood.refuse_distance" in run.data.metrics
     champion = client.get_model_version_by_alias("chestxray", "champion")
-    assert champion.run_id == run_id
+    assert champion.run_id == run_id  # the register stage's first version: no champion before
+    registered = json.loads((repo / "artifacts/registry/registered.json").read_text())
+    assert registered["version"] == champion.version and registered["promoted"] and registered["run_id"] == run_id
+    assert champion.tags["val_log_loss"] and run.data.metrics["val.log_loss"] == pytest.approx(registered["val_log_loss"])
 
 
 def test_second_repro_does_nothing_and_train_param_reruns_only_what_depends_on_the_model(project):
@@ -103,10 +106,11 @@ def test_second_repro_does_nothing_and_train_param_reruns_only_what_depends_on_t
     assert "Running stage" not in again.stdout, again.stdout
     changed = run_ok(["dvc", "exp", "run", "-S", "train.head_lr=0.002"], repo, env)
     ran = {line.split("'")[1] for line in changed.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate", "reference", "export", "robustness", "model_card"}, changed.stdout
+    assert ran == {"train", "evaluate", "reference", "export", "robustness", "model_card", "register"}, changed.stdout
     robustness_only = run_ok(["dvc", "exp", "run", "-S", "robustness.seed=7"], repo, env)
     ran = {line.split("'")[1] for line in robustness_only.stdout.splitlines() if line.startswith("Running stage")}
-    assert "robustness" in ran and ran <= {"robustness", "model_card"}, robustness_only.stdout  # card: if it changed
+    # card and register (which logs the card): if the card changed
+    assert "robustness" in ran and ran <= {"robustness", "model_card", "register"}, robustness_only.stdout
 
 
 def test_registered_model_loads_from_registry(project, tmp_path, monkeypatch):
@@ -157,4 +161,4 @@ def test_registry_version_without_model_hash_serves_keras_without_the_check(proj
         client.set_model_version_tag("chestxray", champion.version, KERAS_SHA256_TAG,
                                      champion.tags[KERAS_SHA256_TAG])
     assert clf.backend == "keras" and not clf.check.on
-    assert "registered without the hash" in clf.check.off_reason and "dvc repro -f -s evaluate" in clf.check.off_reason
+    assert "registered without the hash" in clf.check.off_reason and "dvc repro -f -s register" in clf.check.off_reason

@@ -82,6 +82,20 @@ def test_evaluate_reports_every_class_and_the_any_disease_call(three_class):
     thresholds = json.loads((three_class / "evaluation" / "thresholds.json").read_text())
     assert thresholds["temperature"] > 0 and 0 < thresholds["decision_threshold"] <= 1
     assert "most probable other class" in thresholds["rule"]
+    # What the register stage promotes on: cross-entropy of the calibrated validation probabilities.
+    assert 0 < metrics["val"]["log_loss"] < 10
+
+
+def test_evaluate_logs_but_no_longer_registers(three_class):
+    """Registering is the register stage's job (after export and reference): evaluate only logs to the run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{three_class / 'mlflow.db'}")
+    assert MlflowClient().search_registered_models() == []
+    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("t").experiment_id])
+    evaluated = [r for r in runs if "val.log_loss" in r.data.metrics]  # robustness' test adds a run of its own
+    assert evaluated and evaluated[0].data.metrics["val.log_loss"] > 0 and "test.roc_auc" in evaluated[0].data.metrics
 
 
 def test_evaluate_confusion_plot_and_predictions_carry_three_classes(three_class):

@@ -1,6 +1,7 @@
 """The `chestxray` command: one subcommand per task (`chestxray <command> --help`).
 
     chestxray predict scans/ extra.dcm --out results.csv --heatmaps heatmaps/
+    chestxray promote 7 --reason "reviewed the card"      # move the registry's champion alias by hand
 """
 from __future__ import annotations
 
@@ -109,12 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chestxray", description="Chest X-ray classification (decision support).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_predict(sub)
+    _add_promote(sub)
     _add_stages(sub)
     return parser
 
 
 PIPELINE_STAGES = ("ingest", "prepare_base_model", "train", "evaluate", "reference", "export", "robustness",
-                   "model_card")
+                   "model_card", "register")
 
 
 def _add_stages(sub) -> None:
@@ -146,6 +148,47 @@ def _add_predict(sub) -> None:
     p.add_argument("--verbose", action="store_true",
                    help="show TensorFlow's and other libraries' log lines and warnings")
     p.set_defaults(handler=predict_command)
+
+
+def promote_command(args: argparse.Namespace) -> int:
+    """Make VERSION the champion, recording who did it and why on the version; print the previous champion."""
+    import getpass
+
+    import mlflow
+
+    from chestxray import tracking
+    from chestxray.settings import load_config
+
+    config = load_config(args.config)
+    name = args.name or config["mlflow"]["registered_model"]
+    mlflow.set_tracking_uri(tracking.tracking_uri(config))
+    before = tracking.champion_version(name)
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no user name in this environment
+        user = "unknown"
+    try:
+        previous = tracking.set_champion(name, args.version, by=f"{user} (chestxray promote)",
+                                         reason=args.reason or "promoted by hand")
+    except mlflow.exceptions.MlflowException as exc:
+        print(f"chestxray: cannot promote {name} version {args.version}: {exc.message}", file=sys.stderr)
+        return 1
+    loss = before.tags.get(tracking.VAL_LOG_LOSS_TAG) if before is not None else None
+    was = "no champion before" if previous is None else (
+        f"previous champion: version {previous}" + (f" (validation log-loss {float(loss):.4f})" if loss else ""))
+    print(f"{name} version {args.version} is now {tracking.CHAMPION}, by {user}; {was}")
+    return 0
+
+
+def _add_promote(sub) -> None:
+    p = sub.add_parser("promote", help="make a registered model version the champion (by hand)",
+                       description="Move the registry's champion alias to VERSION, overriding the register stage's "
+                                   "rule; who, when and why are tagged on the version (docs/tracking.md).")
+    p.add_argument("version", metavar="VERSION", help="the registered model version, e.g. 7")
+    p.add_argument("--reason", help="why, recorded on the version (tag promotion_reason)")
+    p.add_argument("--name", help="registered model name (default: config's mlflow.registered_model)")
+    p.add_argument("--config", default="config/config.yaml")
+    p.set_defaults(handler=promote_command)
 
 
 def _positive_int(text: str) -> int:

@@ -1,7 +1,9 @@
 """MLflow, in one place: where the store is, one run per `dvc repro`, logging the model, the champion alias.
 
-The train stage opens the run and writes its id to a small JSON file (a DVC output); evaluate
-reopens the same run, so a pipeline run that changes the model is exactly one MLflow run.
+The train stage opens the run and writes its id to a small JSON file (a DVC output); the later
+stages reopen the same run, so a pipeline run that changes the model is exactly one MLflow run.
+The register stage registers the model and moves the champion alias by the rule in
+`promotion_decision`; `chestxray promote VERSION` moves it by hand (`set_champion`).
 
 A run records the machine and process that hold it (tags chestxray.host, chestxray.pid). A stage
 killed outright (SIGKILL, power loss) cannot end its run, which would stay RUNNING for ever; the
@@ -120,16 +122,70 @@ def log_model(model, example, probabilities, extra_files: list[Path], registered
     return version
 
 
-def promote_if_better(name: str, version: str, metric: str, value: float) -> bool:
-    """Give `version` the champion alias if its validation `metric` beats the current champion's."""
-    client = MlflowClient()
-    client.set_model_version_tag(name, version, metric, str(value))
+VAL_LOG_LOSS_TAG = "val_log_loss"  # model version tag: the calibrated validation log-loss the promotion rule compares
+PROMOTED_BY_TAG, PROMOTED_AT_TAG, PROMOTION_REASON_TAG = "promoted_by", "promoted_at", "promotion_reason"
+
+
+def champion_version(name: str):
+    """The ModelVersion holding the champion alias, or None when there is none (or no such model yet)."""
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-        best = float(current.tags.get(metric, "-inf"))
-    except mlflow.exceptions.MlflowException:  # no champion yet
-        best = float("-inf")
-    if value > best:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        return True
-    return False
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def promotion_decision(log_loss: float, champion_log_loss: float | None, margin: float,
+                       champion: str | None = None) -> tuple[bool, str]:
+    """(promote?, why): the rule of the register stage (docs/tracking.md, "Which version is champion").
+
+    A version becomes champion when there is none, when the champion has no validation log-loss to
+    compare with (registered before this rule), or when its own validation log-loss is lower than
+    the champion's by at least `margin`.
+    """
+    if champion is None:
+        return True, "no champion yet"
+    if champion_log_loss is None:
+        return True, f"champion {champion} has no validation log-loss to compare with (registered before this rule)"
+    gain = champion_log_loss - log_loss
+    if gain >= margin:
+        return True, (f"validation log-loss {log_loss:.4f} is {gain:.4f} below champion {champion}'s "
+                      f"{champion_log_loss:.4f} (margin {margin:g})")
+    return False, (f"validation log-loss {log_loss:.4f} vs champion {champion}'s {champion_log_loss:.4f}: "
+                   f"not lower by the margin {margin:g}")
+
+
+def promote_if_lower_log_loss(name: str, version: str, log_loss: float, margin: float) -> dict:
+    """Tag `version` with its validation log-loss and make it champion if the rule says so (promotion_decision).
+
+    Returns what registered.json records: promoted, reason, the previous champion and its log-loss.
+    """
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, VAL_LOG_LOSS_TAG, repr(float(log_loss)))
+    current = champion_version(name)
+    current_loss = None
+    if current is not None and VAL_LOG_LOSS_TAG in current.tags:
+        current_loss = float(current.tags[VAL_LOG_LOSS_TAG])
+    promoted, reason = promotion_decision(log_loss, current_loss, margin,
+                                          None if current is None else str(current.version))
+    if promoted:
+        set_champion(name, version, by="register stage", reason=reason)
+    return {"promoted": promoted, "reason": reason,
+            "champion_before": None if current is None else str(current.version),
+            "champion_val_log_loss": current_loss}
+
+
+def set_champion(name: str, version: str, by: str, reason: str = "") -> str | None:
+    """Move the champion alias to `version`, recording who, when and why on it; returns the previous champion's version.
+
+    Raises MlflowException when the version does not exist.
+    """
+    from datetime import datetime, timezone
+
+    client = MlflowClient()
+    client.get_model_version(name, version)  # fails on a version that does not exist
+    previous = champion_version(name)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    for key, value in ((PROMOTED_BY_TAG, by), (PROMOTED_AT_TAG, datetime.now(timezone.utc).isoformat(timespec="seconds")),
+                       (PROMOTION_REASON_TAG, reason)):
+        client.set_model_version_tag(name, version, key, value)
+    return None if previous is None else str(previous.version)

@@ -71,7 +71,7 @@ def load_registered(name: str, alias: str = "champion", backend: str | None = "a
     with tempfile.TemporaryDirectory(prefix="chestxray-registry-") as folder:
         files, version, keras_sha256 = download_registered_model(name, alias, Path(folder))
         untagged = (f"{version} was registered without the hash of its model.keras, so its run's reference "
-                    "cannot be matched to it -- register it again (`dvc repro -f -s evaluate`) and move the "
-                    "alias to the new version")
+                    "cannot be matched to it -- register it again (`dvc repro -f -s register`) and move the "
+                    "alias to the new version (`chestxray promote VERSION`)")
         return Predictor.load(files, backend, tta, version=version, keras_sha256=keras_sha256,
                               no_reference_reason=None if keras_sha256 else untagged)

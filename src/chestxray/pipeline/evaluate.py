@@ -1,12 +1,13 @@
-"""Stage 4, evaluate: calibrate and choose thresholds on validation, score the untouched test split, register.
+"""Stage 4, evaluate: calibrate and choose thresholds on validation, score the untouched test split.
 
     python -m chestxray.pipeline.evaluate --data artifacts/data --model artifacts/training --out artifacts/evaluation
 
 On validation, in this order: the temperature (temperature scaling), then on the calibrated
 probabilities the app serves the decision threshold and the low-confidence threshold.
 Writes metrics.json (DVC metrics), thresholds.json (read by the app), predictions.csv, plot data
-under plots/ and figures under figures/; logs all of it and the model to the MLflow run that train
-opened, registers the model and moves the `champion` alias to it if it beats the champion on validation.
+under plots/ and figures under figures/; logs all of it to the MLflow run that train opened.
+metrics.json "val" holds the validation log-loss of the calibrated probabilities, which the
+register stage (after export and reference) compares with the champion's.
 """
 from __future__ import annotations
 
@@ -30,14 +31,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: Path) -> None:
-    """Score the model; write metrics, thresholds, predictions, plots; log and register in MLflow."""
+    """Score the model; write metrics, thresholds, predictions, plots; log them to the MLflow run."""
     import mlflow
     import numpy as np
     import pandas as pd
 
     from chestxray import tracking
     from chestxray.evaluation.plots import roc_table, save_figures, write_plot_data
-    from chestxray.model.artifacts import INFO_FILE, METRICS_FILE, THRESHOLDS_FILE, ModelFiles
+    from chestxray.model.artifacts import METRICS_FILE, THRESHOLDS_FILE, ModelFiles
     from chestxray.model.predictor import Predictor
 
     # No evaluation dir: temperature 1, i.e. the network's own probabilities (TTA-averaged if asked).
@@ -94,14 +95,6 @@ def evaluate(params: dict, config: dict, data_dir: Path, model_dir: Path, out: P
         for figure in figures:
             mlflow.log_artifact(str(figure), "figures")
         mlflow.log_artifact(str(out / "predictions.csv"), "evaluation")
-        example = predictor.prepare((data_dir / rows["test"].path.iloc[0]).read_bytes())[None]
-        name = config["mlflow"]["registered_model"]
-        # The registered Keras model outputs raw probabilities; the temperature travels in thresholds.json.
-        version = tracking.log_model(predictor.model, example, predictor.raw_probabilities(example),
-                                     [model_dir / INFO_FILE, out / THRESHOLDS_FILE, out / METRICS_FILE], name,
-                                     keras_sha256=predictor.keras_sha256)
-        promoted = tracking.promote_if_better(name, version, "val_roc_auc", metrics["val"]["roc_auc"])
-    print(f"registered {name} version {version}" + (" as champion" if promoted else " (champion unchanged)"))
 
 
 # Manifest columns that say where an image came from (ingest writes them; older manifests lack them).
@@ -176,6 +169,8 @@ def fit_on_validation(params: dict, y: dict, raw: dict, classes: list[str],
 def score(params: dict, y: dict, raw: dict, probs: dict, classes: list[str], normal: str | None,
           thresholds: dict) -> tuple[dict, dict]:
     """(metrics.json content, tables for plots) on test, with validation scores and ECE before calibration."""
+    from sklearn.metrics import log_loss
+
     from chestxray.evaluation.calibration import served_confidence
     from chestxray.evaluation.metrics import classification_metrics, expected_calibration_error
 
@@ -186,6 +181,8 @@ def score(params: dict, y: dict, raw: dict, probs: dict, classes: list[str], nor
     metrics["temperature"] = thresholds["temperature"]
     metrics["val"] = {k: val_metrics[k] for k in ("accuracy", "roc_auc", "ece")}
     metrics["val"]["ece_uncalibrated"] = expected_calibration_error(y["val"], raw["val"], bins)[0]
+    # Cross-entropy of the calibrated probabilities: what the register stage promotes on (ROC AUC saturates).
+    metrics["val"]["log_loss"] = float(log_loss(y["val"], probs["val"], labels=list(range(len(classes)))))
     confidence = served_confidence(probs["test"], tables["predicted"])
     flagged = confidence < thresholds["low_confidence"]
     correct = tables["predicted"] == y["test"]
