@@ -15,19 +15,18 @@ version, whether it was promoted and why, both log-losses.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from chestxray.atomic import write_json
-from chestxray.pipeline.common import run_stage
+from chestxray.pipeline.common import StageParser, run_stage
 from chestxray.settings import load_config, load_params
 
 REGISTERED_FILE = "registered.json"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StageParser(__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--data", default="artifacts/data")
