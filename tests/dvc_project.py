@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, XCEPTION_WEIGHTS, _need
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 40, 12
@@ -56,7 +56,8 @@ def make_project(tmp: Path, kermany224: Path) -> Project:
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(source=str(data), val_fraction=0.25)
-    params["base_model"].update(backbone="mobilenetv2", weights="none", image_size=96)
+    # Pretrained weights: an untrained backbone's frozen features are all zero in the cache (train refuses them).
+    params["base_model"].update(backbone="xception", weights=str(_need(XCEPTION_WEIGHTS)), image_size=96)
     params["train"].update(head_epochs=2, fine_tune_epochs=1, augment_views=1, batch_size=16)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

@@ -38,6 +38,20 @@ def test_repro_writes_metrics_and_plots(project):
     assert check["features_max_rel_diff"] <= 1e-3
 
 
+def test_the_tiny_model_learnt_and_its_labels_are_not_swapped(project):
+    """80 real training films at 96 px are enough for frozen ImageNet features to separate the classes:
+    a pipeline that mixed up labels, images or classes would score at or below chance."""
+    import pandas as pd
+
+    repo, _, _, _ = project
+    metrics = json.loads((repo / "artifacts/evaluation/metrics.json").read_text())
+    assert metrics["roc_auc"] >= 0.75 and metrics["val"]["roc_auc"] >= 0.75
+    predictions = pd.read_csv(repo / "artifacts/evaluation/predictions.csv")
+    mean_p = predictions.groupby("label")["p_PNEUMONIA"].mean()
+    assert mean_p["PNEUMONIA"] > mean_p["NORMAL"] + 0.2
+    assert (predictions.predicted == predictions.label).mean() >= 0.7
+
+
 def test_repro_writes_the_not_a_chest_xray_reference(project):
     repo, _, _, _ = project
     summary = json.loads((repo / "artifacts/reference/ood.json").read_text())
@@ -66,7 +80,7 @@ def test_repro_calibrates_on_validation_and_runs_robustness_and_model_card(proje
     assert robustness["n_images"] == 24 and robustness["backend"] == "onnx"
     assert len(robustness["variants"]) == 18 and "worst_accuracy_drop" in robustness
     card = (repo / "artifacts/evaluation/model_card.md").read_text()
-    assert "mobilenetv2" in card and f"T = {thresholds['temperature']:.3f}" in card
+    assert "xception" in card and f"T = {thresholds['temperature']:.3f}" in card
     assert f"**{robustness['worst_accuracy_drop']['drop']:.3f}**" in card
 
 
@@ -79,7 +93,7 @@ def test_mlflow_run_and_registered_champion(project):
     client = MlflowClient()
     run_id = json.loads((repo / "artifacts/training/mlflow_run.json").read_text())["run_id"]
     run = client.get_run(run_id)
-    assert run.data.params["base_model.backbone"] == "mobilenetv2"
+    assert run.data.params["base_model.backbone"] == "xception"
     assert len(run.data.params["data.sha256"]) == 64
     assert "test.roc_auc" in run.data.metrics and "test.ece" in run.data.metrics
     assert len(client.get_metric_history(run_id, "val_auc")) >= 2  # per-epoch, both phases

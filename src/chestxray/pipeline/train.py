@@ -64,6 +64,19 @@ def _fit(model, train_ds, val_ds, epochs: int, optimizer, loss, phase: str, hist
         best.unlink(missing_ok=True)
 
 
+def _check_features_vary(pooled: np.ndarray, base_params: dict) -> None:
+    """Fail when the frozen backbone gives every image the same features: the head could only learn
+    the class prior. It happens with `base_model.weights: none`, where the untrained bottom's
+    activations vanish (~1e-10 at the cut) and round to zero in the float16 cache."""
+    import numpy as np
+
+    if np.isfinite(pooled).all() and float(pooled.std(axis=0).max()) > 0.0:
+        return
+    raise RuntimeError(f"the frozen backbone ({base_params['backbone']}, weights {base_params['weights']!r}) gives "
+                       "every training image the same features, so nothing can be learnt from them: set "
+                       "base_model.weights to pretrained weights (imagenet or a .weights.h5 file)")
+
+
 def _peak_rss_mb() -> float:
     """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
     import resource
@@ -134,6 +147,7 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
         pooled_train = T.run_in_batches(split.pooled, train_x, 64)
         pooled_val = T.run_in_batches(split.pooled, val_x, 64)
         print(f"pooled features {pooled_train.shape}; peak memory {_peak_rss_mb():.0f} MB", flush=True)
+        _check_features_vary(pooled_train, bp)
         with strategy.scope():
             _fit(split.head, T.arrays_dataset(pooled_train, train_y, n, batch, tp["seed"]),
                  T.arrays_dataset(pooled_val, labels["val"], n, batch), tp["head_epochs"],
