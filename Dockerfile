@@ -12,7 +12,8 @@ RUN pip install -r requirements.txt
 COPY src/ src/
 COPY config/ config/
 COPY app.py gunicorn.conf.py params.yaml ./
-RUN pip install --no-deps -e . && useradd --create-home app
+# A regular (non-editable) install: the wheel carries the templates and static files as package data.
+RUN pip install --no-deps . && rm -rf src build && useradd --create-home app
 USER app
 
 EXPOSE 8000
