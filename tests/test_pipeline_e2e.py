@@ -1,6 +1,7 @@
 """End to end: `dvc repro` in a fresh git+DVC repo on a small real subset, then MLflow and DVC behaviour."""
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -112,6 +113,49 @@ def test_mlflow_run_and_registered_champion(project):
     registered = json.loads((repo / "artifacts/registry/registered.json").read_text())
     assert registered["version"] == champion.version and registered["promoted"] and registered["run_id"] == run_id
     assert champion.tags["val_log_loss"] and run.data.metrics["val.log_loss"] == pytest.approx(registered["val_log_loss"])
+
+
+def test_dvc_push_then_clone_and_pull_serves_the_model_without_training(project, tmp_path, kermany224):
+    """Sharing a trained model (docs/pipeline.md): `dvc push` to a remote; elsewhere `git clone` + `dvc pull`, and
+    the app serves what was pulled, nothing rerun. Every file the app reads is a cached output, so it travels."""
+    repo, env, _, _ = project
+    import hashlib
+
+    from chestxray.serving import create_app
+
+    run_ok(["dvc", "remote", "add", "-d", "storage", str(tmp_path / "storage")], repo, env)
+    run_ok(["git", "add", ".dvc/config", "dvc.lock"], repo, env)
+    run_ok(["git", "commit", "-qm", "trained model, and where its files are pushed"], repo, env)
+    pushed = run_ok(["dvc", "push"], repo, env)
+    assert "pushed" in pushed.stdout, pushed.stdout
+
+    clone = tmp_path / "clone"
+    run_ok(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    assert not (clone / "artifacts").exists()
+    run_ok(["dvc", "pull"], clone, env)
+    status = run_ok(["dvc", "status"], clone, env)
+    assert "up to date" in status.stdout, status.stdout  # the pulled outputs are the pipeline's, nothing to rerun
+
+    def sha256(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    for name in ("training/model.keras", "training/model_info.json", "evaluation/thresholds.json",
+                 "evaluation/metrics.json", "evaluation/model_card.md", "export/model.onnx",
+                 "reference/reference.npz", "reference/ood.json"):
+        assert sha256(clone / "artifacts" / name) == sha256(repo / "artifacts" / name), name
+
+    app = create_app({"CHESTXRAY_ARTIFACTS": str(clone / "artifacts"), "GEMINI_API_KEY": "",
+                      "CHESTXRAY_RATE_LIMIT_PER_MIN": 0})
+    client = app.test_client()
+    info = client.get("/model/info")
+    assert info.status_code == 200, info.get_json()
+    assert info.get_json()["test_metrics"] == json.loads((repo / "artifacts/evaluation/metrics.json").read_text())
+    image = sorted((kermany224 / "test" / "PNEUMONIA").glob("*.jpeg"))[-1]
+    response = client.post("/predict", data={"file": (io.BytesIO(image.read_bytes()), image.name)})
+    assert response.status_code == 200, response.get_json()
+    prediction = response.get_json()
+    assert prediction["predicted_class"] in CLASSES and set(prediction["probabilities"]) == set(CLASSES)
+    assert prediction["ood_distance"] is not None  # the "not a chest X-ray" reference (ood.json too) was pulled
 
 
 def test_second_repro_does_nothing_and_train_param_reruns_only_what_depends_on_the_model(project):
