@@ -10,25 +10,53 @@ from chestxray.model.layers import PixelScaling
 
 
 def _backbone_weights(weights: str | None) -> tuple[str | None, Path | None]:
-    """Split the `weights` param into what keras.applications takes and a local file to load after."""
+    """Split one `weights` value into what keras.applications takes and a local file to load after."""
     if weights in (None, "none", "None", ""):
         return None, None
     if weights == "imagenet":
         return "imagenet", None
-    path = Path(weights)
+    path = Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
-            f"backbone weights file not found: {path} -- set base_model.weights in params.yaml to an existing "
-            "file, 'imagenet' (needs internet) or 'none'"
-        )
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
     return None, path
+
+
+def _pretrained_backbone(spec, weights: str | None, image_size: int) -> keras.Model:
+    """The backbone with one `weights` value: none, imagenet (downloaded once by Keras) or a .weights.h5 file."""
+    keras_weights, weights_file = _backbone_weights(weights)
+    try:
+        base = spec.build(include_top=False, weights=keras_weights, input_shape=(image_size, image_size, 3))
+    except Exception as exc:
+        if keras_weights == "imagenet":
+            raise RuntimeError(f"could not download ImageNet weights for {spec.name} ({exc.__class__.__name__})") from None
+        raise
+    if weights_file is not None:
+        base.load_weights(weights_file)
+    return base
+
+
+def load_backbone(spec, weights: str | list[str] | None, image_size: int) -> keras.Model:
+    """The backbone with the first of the `weights` alternatives that works (a local copy, then `imagenet`).
+
+    The error, when none works, names every alternative and why it failed.
+    """
+    alternatives = weights if isinstance(weights, list) else [weights]
+    failures = []
+    for choice in alternatives:
+        try:
+            return _pretrained_backbone(spec, choice, image_size)
+        except (FileNotFoundError, RuntimeError) as exc:
+            failures.append(f"{choice}: {exc}")
+    raise FileNotFoundError("no backbone weights could be loaded -- tried " + "; ".join(failures) +
+                            " -- set base_model.weights in params.yaml to an existing .weights.h5 file, 'imagenet' "
+                            "(needs internet once) or 'none'")
 
 
 def build_model(
     backbone: str,
     image_size: int,
     num_classes: int,
-    weights: str | None = "imagenet",
+    weights: str | list[str] | None = "imagenet",
     dropout: float = 0.3,
     dense_units: int = 0,
     truncate_before: str | None = None,
@@ -39,19 +67,8 @@ def build_model(
     are the feature map that layer would have received (see backbones.Backbone.truncate_before).
     """
     spec = get_backbone(backbone)
-    keras_weights, weights_file = _backbone_weights(weights)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    try:
-        base = spec.build(include_top=False, weights=keras_weights, input_shape=(image_size, image_size, 3))
-    except Exception as exc:
-        if keras_weights == "imagenet":
-            raise RuntimeError(
-                f"could not download ImageNet weights for {backbone} ({exc.__class__.__name__}); offline, point "
-                "base_model.weights at a local .weights.h5 file"
-            ) from None
-        raise
-    if weights_file is not None:
-        base.load_weights(weights_file)
+    base = load_backbone(spec, weights, image_size)
     if truncate_before:
         base = keras.Model(base.input, base.get_layer(truncate_before).input)
     base.name = "backbone"
