@@ -1,58 +1,37 @@
-"""Shared fixtures: paths to the real data in ../shared and a tiny trained model for app tests."""
+"""Shared fixtures: paths to the real data in ../shared, a tiny trained model for app tests, the app's test client.
+
+Plain helpers (paths, artifact layouts, keys, upload checks) are in helpers.py."""
 from __future__ import annotations
 
-import csv
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
+from helpers import (API_KEYS, FULLSIZE, KERMANY224, ROOT, TB256, XCEPTION_WEIGHTS, copy_model, free_port, need,
+                     real_test_data, save_artifacts, write_manifest)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CHESTXRAY_SHARED", ROOT.parent / "shared"))
-KERMANY224 = SHARED / "data" / "kermany224"
-FULLSIZE = SHARED / "data" / "kermany-val-fullsize"
-TB256 = SHARED / "data" / "tb256"
-XCEPTION_WEIGHTS = SHARED / "weights" / "xception_imagenet_notop.weights.h5"
-
-
-def missing(message: str) -> None:
-    """Something a test needs is absent: a skip locally, a failure under CI (CI=true), so that a CI
-    machine without the data or the browser cannot go green having tested little."""
-    if os.environ.get("CI", "").lower() in ("true", "1"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
-def _need(path: Path) -> Path:
-    """The real data or weights at `path` (see `missing`)."""
-    if not path.exists():
-        missing(f"real data not found at {path}: put the shared data beside the repo (../shared, see "
-                f"../shared/data/README.md) or point CHESTXRAY_SHARED at it")
-    return path
 
 
 @pytest.fixture(scope="session")
 def kermany224() -> Path:
-    return _need(KERMANY224)
+    return need(KERMANY224)
 
 
 @pytest.fixture(scope="session")
 def fullsize_dir() -> Path:
-    return _need(FULLSIZE)
+    return need(FULLSIZE)
 
 
 @pytest.fixture(scope="session")
 def tb256() -> Path:
-    return _need(TB256)
+    return need(TB256)
 
 
 @pytest.fixture(scope="session")
 def xception_weights() -> Path:
-    return _need(XCEPTION_WEIGHTS)
+    return need(XCEPTION_WEIGHTS)
 
 
 @pytest.fixture(scope="session")
@@ -83,30 +62,6 @@ def tiny_artifacts(tmp_path_factory, kermany224) -> Path:
         "# Model card: tiny test model\n\n| split | images |\n|---|---|\n| train | 64 |\n\n"
         "Not a diagnosis. <script>alert(1)</script>\n")
     return root
-
-
-def save_artifacts(model, root: Path, classes: list[str], size: int, backbone: str) -> Path:
-    """training/{model.keras, model_info.json} and evaluation/thresholds.json, laid out as the pipeline does."""
-    (root / "training").mkdir()
-    (root / "evaluation").mkdir()
-    model.save(root / "training" / "model.keras")
-    (root / "training" / "model_info.json").write_text(json.dumps({
-        "classes": classes, "normal_class": "NORMAL", "image_size": size, "backbone": backbone,
-        "trained_at": "2026-01-01T00:00:00+00:00",
-    }))
-    (root / "evaluation" / "thresholds.json").write_text(json.dumps({"decision_threshold": 0.5, "low_confidence": 0.6}))
-    return root
-
-
-def write_manifest(data_dir: Path, rows: list[dict]) -> Path:
-    """A data folder's manifest.csv (path, label, split) listing real images by absolute path."""
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / "manifest.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return data_dir
 
 
 @pytest.fixture(scope="session")
@@ -144,20 +99,6 @@ def ood_artifacts(tmp_path_factory, kermany224, xception_weights) -> Path:
 
 # --- the app under gunicorn (the production server and config) -------------------------------------
 
-USER_KEY = "user-key-0123456789abcdef"
-ADMIN_KEY = "admin-key-0123456789abcdef"
-API_KEYS = f"clinic:{USER_KEY}:user,ops:{ADMIN_KEY}:admin"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def gunicorn_server(tiny_artifacts, tmp_path_factory):
     """The tiny model served by gunicorn with gunicorn.conf.py (bench/inference.py's Server), keys required.
@@ -181,19 +122,6 @@ def gunicorn_server(tiny_artifacts, tmp_path_factory):
         yield server
     finally:
         server.stop()
-
-
-def copy_model(src: Path, dest: Path, parts: tuple[str, ...] = ("training", "evaluation")) -> Path:
-    """Parts of an artifacts folder, copied (the session's tiny artifacts stay untouched)."""
-    for part in parts:
-        shutil.copytree(src / part, dest / part)
-    return dest
-
-
-def real_test_data(root: Path, kermany224: Path, per_class: int = 6) -> Path:
-    """A data folder whose manifest lists real test images (absolute paths) as the test split."""
-    return write_manifest(root / "data", [{"path": str(p), "label": c, "split": "test"} for c in ("NORMAL", "PNEUMONIA")
-                                          for p in sorted((kermany224 / "test" / c).glob("*.jpeg"))[:per_class]])
 
 
 @pytest.fixture(scope="session")
@@ -237,3 +165,15 @@ def varying_exported(kermany224, tmp_path_factory) -> Path:
     paths = export_stage.split_paths(real_test_data(root, kermany224))
     export_stage.convert_and_check(root / "training", paths, root / "export", TOLERANCE)
     return root
+
+
+# --- the app in-process (each module that uses these defines its own `app` fixture) -----------------
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def xrays(fullsize_dir) -> list[Path]:
+    return sorted(fullsize_dir.glob("*/*.jpeg"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT, XCEPTION_WEIGHTS, _need
+from helpers import ROOT, XCEPTION_WEIGHTS, need
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 40, 12
@@ -57,7 +57,7 @@ def make_project(tmp: Path, kermany224: Path) -> Project:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(source=str(data), val_fraction=0.25)
     # Pretrained weights: an untrained backbone's frozen features are all zero in the cache (train refuses them).
-    params["base_model"].update(backbone="xception", weights=str(_need(XCEPTION_WEIGHTS)), image_size=96)
+    params["base_model"].update(backbone="xception", weights=str(need(XCEPTION_WEIGHTS)), image_size=96)
     params["train"].update(head_epochs=2, fine_tune_epochs=1, augment_views=1, batch_size=16)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

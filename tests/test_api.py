@@ -4,40 +4,14 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import requests
-from conftest import ROOT
-from werkzeug.serving import make_server
+from helpers import CLASSES, ROOT, assert_error, assert_prediction, live_server, png_bytes, upload
 
 from chestxray.serving import create_app
-
-CLASSES = ["NORMAL", "PNEUMONIA"]
-PREDICTION_KEYS = {"predicted_class", "confidence", "probabilities", "low_confidence", "warnings",
-                   "ood_distance", "model_version", "inference_time_ms"}
-
-
-@contextmanager
-def live_server(app) -> Iterator[str]:
-    """Serve `app` on 127.0.0.1 (a free port) in a thread; yields the base URL."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    return cv2.imencode(".png", image)[1].tobytes()
 
 
 def dicom_bytes(gray: np.ndarray) -> bytes:
@@ -69,44 +43,9 @@ def app(tiny_artifacts):
                        "CHESTXRAY_RATE_LIMIT_PER_MIN": 0})
 
 
-@pytest.fixture()
-def client(app):
-    return app.test_client()
-
-
-@pytest.fixture(scope="module")
-def xrays(fullsize_dir) -> list[Path]:
-    return sorted(fullsize_dir.glob("*/*.jpeg"))
-
-
 @pytest.fixture(scope="module")
 def xray(xrays) -> bytes:
     return xrays[-1].read_bytes()
-
-
-def upload(data: bytes, name: str = "scan.jpeg", field: str = "file") -> dict:
-    return {field: (io.BytesIO(data), name)}
-
-
-def assert_error(response, status: int, code: str | None = None) -> dict:
-    """A JSON error with a code and a message in words, never HTML."""
-    assert response.status_code == status, response.data[:300]
-    assert response.is_json, response.data[:300]
-    body = response.get_json()
-    assert set(body) >= {"error", "message"}
-    assert len(body["message"].split()) >= 2, body
-    if code:
-        assert body["error"] == code, body
-    return body
-
-
-def assert_prediction(body: dict) -> None:
-    assert PREDICTION_KEYS <= set(body)
-    assert body["predicted_class"] in CLASSES
-    assert list(body["probabilities"]) == CLASSES
-    assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
-    assert body["confidence"] == pytest.approx(body["probabilities"][body["predicted_class"]])
-    assert body["low_confidence"] == ("low_confidence" in body["warnings"])
 
 
 # --- endpoints ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from chestxray.atomic import atomic_path, leftover_name, remove_dead_leftovers, write_json
-from conftest import ROOT
+from helpers import ROOT
 
 
 def _dead_pid() -> int:

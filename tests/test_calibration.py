@@ -11,7 +11,7 @@ from chestxray.evaluation.calibration import apply_temperature, choose_low_confi
 from chestxray.evaluation.metrics import choose_threshold, expected_calibration_error
 from chestxray.model.predictor import Predictor
 from chestxray.pipeline.evaluate import fit_on_validation
-from conftest import copy_model
+from helpers import copy_model
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 

@@ -20,9 +20,8 @@ import yaml
 from chestxray.data import sources
 from chestxray.data.sources import DataSourceError, download_drive
 from chestxray.pipeline.ingest import ingest
-from conftest import ROOT
 from faulty_http import FaultyServer
-from test_ingest import data_params, make_subset, make_zip
+from helpers import ROOT, data_params, make_subset, make_zip
 
 
 @pytest.fixture(scope="module")

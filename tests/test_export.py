@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import copy_model as _copy_model
-from conftest import real_test_data as _data_dir
-from conftest import write_manifest
+from helpers import copy_model as _copy_model
+from helpers import real_test_data as _data_dir
+from helpers import write_manifest
 
 from chestxray.model.artifacts import ONNX_FILE, ModelFiles, ModelNotFound
 from chestxray.model.network import choose_backend

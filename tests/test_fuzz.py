@@ -13,8 +13,8 @@ from collections import Counter
 
 import pytest
 import requests
-from conftest import USER_KEY
 from fuzz_corpus import Case, build_corpus
+from helpers import USER_KEY
 
 pytestmark = pytest.mark.slow
 

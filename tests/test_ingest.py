@@ -14,37 +14,18 @@ import sys
 import tarfile
 import threading
 import time
-import zipfile
 from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import CLASSES, ROOT, data_params, make_subset, make_zip
 from PIL import Image
 
 from chestxray.data.sources import DataSourceError, extract, find_dataset_root
 from chestxray.data.split import patient_classes, patient_id, split_patients
 from chestxray.data.validate import validate_file
 from chestxray.pipeline.ingest import MANIFEST_COLUMNS, ingest
-
-ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ["NORMAL", "PNEUMONIA"]
-
-
-def data_params(source: str | Path, **overrides) -> dict:
-    params = {"source": str(source), "checksum": None, "val_fraction": 0.1, "test_fraction": 0.15,
-              "min_size": 128, "patient_overlap": "drop", "seed": 42}
-    return {**params, **overrides}
-
-
-def make_subset(kermany: Path, dest: Path, train_per_class: int = 10, test_per_class: int = 4) -> Path:
-    """Copy the first real images of each class into dest/{train,test}/<class>/."""
-    for split, n in (("train", train_per_class), ("test", test_per_class)):
-        for label in CLASSES:
-            (dest / split / label).mkdir(parents=True)
-            for f in sorted((kermany / split / label).glob("*.jpeg"))[:n]:
-                shutil.copy(f, dest / split / label / f.name)
-    return dest
 
 
 def read_manifest(out: Path) -> list[dict[str, str]]:
@@ -65,17 +46,6 @@ def assert_no_shared_patients(rows: list[dict[str, str]]) -> None:
     for i, a in enumerate(splits):
         for b in splits[i + 1:]:
             assert not by_split[a] & by_split[b], f"patients in both {a} and {b}"
-
-
-def make_zip(folder: Path, dest: Path, prefix: str = "chest_xray/chest_xray") -> Path:
-    """A zip laid out like Kaggle's: wrapper folders and a __MACOSX tree."""
-    with zipfile.ZipFile(dest, "w") as zf:
-        for f in sorted(folder.rglob("*")):
-            if f.is_file():
-                name = f"{prefix}/{f.relative_to(folder).as_posix()}"
-                zf.write(f, name)
-                zf.writestr(f"__MACOSX/{Path(name).parent.as_posix()}/._{f.name}", b"\x00\x05\x16\x07")
-    return dest
 
 
 def make_targz(folder: Path, dest: Path) -> Path:

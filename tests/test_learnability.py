@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from test_ingest import data_params
+from helpers import data_params
 
 PER_CLASS = 60  # 30 NORMAL + 30 PNEUMONIA films per class, different films in each class
 BLUR_RADIUS = 6

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import ROOT, free_port
+from helpers import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 

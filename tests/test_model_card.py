@@ -9,7 +9,7 @@ import pytest
 from chestxray.evaluation.model_card import render_model_card
 from chestxray.pipeline.model_card import write_model_card
 from chestxray.serving import create_app
-from conftest import copy_model
+from helpers import copy_model
 
 INFO = {"classes": ["NORMAL", "PNEUMONIA"], "normal_class": "NORMAL", "image_size": 224, "backbone": "xception",
         "truncate_before": "block11_sepconv1_act", "fine_tune_from": "block9_sepconv1_act",

@@ -8,8 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import ADMIN_KEY, API_KEYS, USER_KEY, png_bytes
 from prometheus_client.parser import text_string_to_metric_families
-from test_api import png_bytes
 
 from chestxray.evaluation import drift
 from chestxray.model.predictor import Prediction
@@ -21,8 +21,6 @@ MIN_COUNT = 20
 
 def _client(artifacts: Path, **settings):
     """A test client of an app with API keys, sending the admin key (/monitoring is admin-only)."""
-    from conftest import ADMIN_KEY, API_KEYS
-
     app = create_app({"CHESTXRAY_ARTIFACTS": str(artifacts), "GEMINI_API_KEY": "", "CHESTXRAY_API_KEYS": API_KEYS,
                       "CHESTXRAY_RATE_LIMIT_PER_MIN": 0, "CHESTXRAY_DRIFT_MIN_COUNT": MIN_COUNT, **settings})
     client = app.test_client()
@@ -146,8 +144,6 @@ def test_monitor_counts_from_many_threads_without_loss():
 
 
 def test_monitoring_needs_an_admin_key(tiny_artifacts):
-    from conftest import API_KEYS, USER_KEY
-
     app = create_app({"CHESTXRAY_ARTIFACTS": str(tiny_artifacts), "GEMINI_API_KEY": "", "CHESTXRAY_API_KEYS": API_KEYS})
     client = app.test_client()
     assert client.get("/monitoring").status_code == 401

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from test_api import assert_error, assert_prediction, client, live_server, png_bytes, upload, xrays  # noqa: F401
+from helpers import assert_error, assert_prediction, live_server, png_bytes, upload
 
 from chestxray.model.ood import OOD_FILE, REFERENCE_FILE, OodDetector, OodReferenceError
 from chestxray.serving import create_app
@@ -32,7 +32,7 @@ NON_XRAYS = {
 
 @pytest.fixture(scope="module")
 def app(ood_artifacts):
-    """The app on the model with a reference (test_api's `client` and `xrays` fixtures run against it)."""
+    """The app on the model with a reference (conftest.py's `client` and `xrays` fixtures run against it)."""
     return create_app({"CHESTXRAY_ARTIFACTS": str(ood_artifacts), "GEMINI_API_KEY": ""})
 
 

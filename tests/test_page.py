@@ -6,8 +6,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import missing
-from test_api import live_server
+from helpers import API_KEYS, USER_KEY, live_server, missing, png_bytes, save_artifacts
 
 from chestxray.serving import create_app
 
@@ -135,7 +134,6 @@ def test_drag_and_drop_shows_error_next_to_file(browser, app):
 
 def test_page_with_api_keys_asks_for_the_key_and_shows_refusals_in_words(browser, tiny_artifacts, fullsize_dir,
                                                                           tmp_path):
-    from conftest import API_KEYS, USER_KEY
     from fuzz_corpus import png_header_only
 
     app = create_app({"CHESTXRAY_ARTIFACTS": str(tiny_artifacts), "GEMINI_API_KEY": "", "CHESTXRAY_API_KEYS": API_KEYS})
@@ -172,7 +170,6 @@ def test_not_a_chest_xray_in_words(browser, ood_artifacts, fullsize_dir, tmp_pat
 
     import numpy as np
     from sklearn.datasets import load_sample_image
-    from test_api import png_bytes
 
     from chestxray.model.ood import REFERENCE_FILE
 
@@ -211,7 +208,6 @@ def three_class_artifacts(tmp_path_factory):
     import keras
 
     from chestxray.model.build import build_model
-    from conftest import save_artifacts
 
     keras.utils.set_random_seed(1)
     model = build_model("mobilenetv2", 96, 3, weights="none", dropout=0.1)

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"),
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

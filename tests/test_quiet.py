@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 # Lines TensorFlow, absl and CUDA print while starting up or running (any one of these is chatter).
 CHATTER = ("onednn", "absl", "warning:tensorflow", "cuda", "cpu_feature_guard", "tensorflow binary is optimized",

@@ -10,7 +10,7 @@ import json
 import pytest
 import yaml
 
-from conftest import copy_model
+from helpers import copy_model
 
 NAME = "t"
 MARGIN = 0.005

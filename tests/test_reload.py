@@ -10,8 +10,7 @@ import threading
 
 import pytest
 import requests
-from conftest import ADMIN_KEY, API_KEYS, USER_KEY
-from test_api import assert_error, assert_prediction, live_server
+from helpers import ADMIN_KEY, API_KEYS, USER_KEY, assert_error, assert_prediction, live_server
 
 from chestxray.serving import admin, create_app
 

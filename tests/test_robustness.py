@@ -12,7 +12,7 @@ from chestxray.evaluation.corruptions import CORRUPTIONS, corrupt
 from chestxray.model.predictor import Predictor
 from chestxray.model.tta import shift, tta_probabilities, tta_views
 from chestxray.pipeline import robustness as stage
-from conftest import copy_model, real_test_data
+from helpers import copy_model, real_test_data
 
 # --- test-time augmentation -----------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import USER_KEY
+from helpers import USER_KEY
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,9 @@ import threading
 
 import pytest
 import requests
-from conftest import ADMIN_KEY, API_KEYS, USER_KEY
-from test_api import assert_error, live_server
+from helpers import ADMIN_KEY, API_KEYS, USER_KEY, assert_error, live_server
 
-from chestxray.serving import create_app
+from chestxray.serving import create_app, ratelimit
 from chestxray.serving.auth import parse_keys
 from chestxray.serving.ratelimit import TokenBuckets
 
@@ -36,9 +35,16 @@ def app(tiny_artifacts, audit_path):
                        "CHESTXRAY_RATE_LIMIT_BURST": 20, "CHESTXRAY_AUDIT_LOG": str(audit_path)})
 
 
+def refill(app) -> None:
+    """Full buckets for every identity: the rate limiter installed anew from the app's own settings.
+
+    The app is shared by the module (a fresh one per test would load the model each time)."""
+    ratelimit.install(app, app.config["CHESTXRAY_RATE_LIMIT_PER_MIN"], app.config["CHESTXRAY_RATE_LIMIT_BURST"])
+
+
 @pytest.fixture()
 def client(app):
-    app.extensions["chestxray.ratelimit"]._buckets.clear()  # each test starts with full buckets (shared app)
+    refill(app)  # each test starts with full buckets (shared app)
     return app.test_client()
 
 
@@ -167,7 +173,7 @@ def test_token_bucket_is_thread_safe():
 
 def test_audit_line_of_a_real_request(app, audit_path, xray, caplog):
     caplog.set_level(logging.DEBUG)
-    app.extensions["chestxray.ratelimit"]._buckets.clear()
+    refill(app)
     with live_server(app) as url:
         ok = requests.post(f"{url}/predict", files={"file": (NAME, xray, "image/jpeg")}, headers=key(USER_KEY),
                            timeout=60)

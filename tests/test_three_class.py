@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import copy_model, write_manifest
+from helpers import copy_model
 
 CLASSES = ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port
+from helpers import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,178 @@
+"""Plain helpers shared by the test modules: paths to the shared data, artifact layouts, API keys,
+upload and response checks for the app, and ingest sources. Fixtures live in conftest.py.
+
+Test modules import from here (`from helpers import ...`), never from conftest.py or another test_* module.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import threading
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CHESTXRAY_SHARED", ROOT.parent / "shared"))
+KERMANY224 = SHARED / "data" / "kermany224"
+FULLSIZE = SHARED / "data" / "kermany-val-fullsize"
+TB256 = SHARED / "data" / "tb256"
+XCEPTION_WEIGHTS = SHARED / "weights" / "xception_imagenet_notop.weights.h5"
+
+CLASSES = ["NORMAL", "PNEUMONIA"]
+
+
+def missing(message: str) -> None:
+    """Something a test needs is absent: a skip locally, a failure under CI (CI=true), so that a CI
+    machine without the data or the browser cannot go green having tested little."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def need(path: Path) -> Path:
+    """The real data or weights at `path` (see `missing`)."""
+    if not path.exists():
+        missing(f"real data not found at {path}: put the shared data beside the repo (../shared, see "
+                f"../shared/data/README.md) or point CHESTXRAY_SHARED at it")
+    return path
+
+
+# --- artifacts and data folders -------------------------------------------------------------------
+
+def save_artifacts(model, root: Path, classes: list[str], size: int, backbone: str) -> Path:
+    """training/{model.keras, model_info.json} and evaluation/thresholds.json, laid out as the pipeline does."""
+    (root / "training").mkdir()
+    (root / "evaluation").mkdir()
+    model.save(root / "training" / "model.keras")
+    (root / "training" / "model_info.json").write_text(json.dumps({
+        "classes": classes, "normal_class": "NORMAL", "image_size": size, "backbone": backbone,
+        "trained_at": "2026-01-01T00:00:00+00:00",
+    }))
+    (root / "evaluation" / "thresholds.json").write_text(json.dumps({"decision_threshold": 0.5, "low_confidence": 0.6}))
+    return root
+
+
+def write_manifest(data_dir: Path, rows: list[dict]) -> Path:
+    """A data folder's manifest.csv (path, label, split) listing real images by absolute path."""
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return data_dir
+
+
+def copy_model(src: Path, dest: Path, parts: tuple[str, ...] = ("training", "evaluation")) -> Path:
+    """Parts of an artifacts folder, copied (the session's tiny artifacts stay untouched)."""
+    for part in parts:
+        shutil.copytree(src / part, dest / part)
+    return dest
+
+
+def real_test_data(root: Path, kermany224: Path, per_class: int = 6) -> Path:
+    """A data folder whose manifest lists real test images (absolute paths) as the test split."""
+    return write_manifest(root / "data", [{"path": str(p), "label": c, "split": "test"} for c in ("NORMAL", "PNEUMONIA")
+                                          for p in sorted((kermany224 / "test" / c).glob("*.jpeg"))[:per_class]])
+
+
+# --- the app: keys, servers, uploads and what its answers must look like ----------------------------
+
+USER_KEY = "user-key-0123456789abcdef"
+ADMIN_KEY = "admin-key-0123456789abcdef"
+API_KEYS = f"clinic:{USER_KEY}:user,ops:{ADMIN_KEY}:admin"
+
+PREDICTION_KEYS = {"predicted_class", "confidence", "probabilities", "low_confidence", "warnings",
+                   "ood_distance", "model_version", "inference_time_ms"}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """Serve `app` on 127.0.0.1 (a free port) in a thread; yields the base URL."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    import cv2
+
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def upload(data: bytes, name: str = "scan.jpeg", field: str = "file") -> dict:
+    return {field: (io.BytesIO(data), name)}
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    """A JSON error with a code and a message in words, never HTML."""
+    assert response.status_code == status, response.data[:300]
+    assert response.is_json, response.data[:300]
+    body = response.get_json()
+    assert set(body) >= {"error", "message"}
+    assert len(body["message"].split()) >= 2, body
+    if code:
+        assert body["error"] == code, body
+    return body
+
+
+def assert_prediction(body: dict) -> None:
+    assert PREDICTION_KEYS <= set(body)
+    assert body["predicted_class"] in CLASSES
+    assert list(body["probabilities"]) == CLASSES
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert body["confidence"] == pytest.approx(body["probabilities"][body["predicted_class"]])
+    assert body["low_confidence"] == ("low_confidence" in body["warnings"])
+
+
+# --- ingest sources ---------------------------------------------------------------------------------
+
+def data_params(source: str | Path, **overrides) -> dict:
+    params = {"source": str(source), "checksum": None, "val_fraction": 0.1, "test_fraction": 0.15,
+              "min_size": 128, "patient_overlap": "drop", "seed": 42}
+    return {**params, **overrides}
+
+
+def make_subset(kermany: Path, dest: Path, train_per_class: int = 10, test_per_class: int = 4) -> Path:
+    """Copy the first real images of each class into dest/{train,test}/<class>/."""
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for label in CLASSES:
+            (dest / split / label).mkdir(parents=True)
+            for f in sorted((kermany / split / label).glob("*.jpeg"))[:n]:
+                shutil.copy(f, dest / split / label / f.name)
+    return dest
+
+
+def make_zip(folder: Path, dest: Path, prefix: str = "chest_xray/chest_xray") -> Path:
+    """A zip laid out like Kaggle's: wrapper folders and a __MACOSX tree."""
+    with zipfile.ZipFile(dest, "w") as zf:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                name = f"{prefix}/{f.relative_to(folder).as_posix()}"
+                zf.write(f, name)
+                zf.writestr(f"__MACOSX/{Path(name).parent.as_posix()}/._{f.name}", b"\x00\x05\x16\x07")
+    return dest
