@@ -58,7 +58,7 @@ def make_project(tmp: Path, kermany224: Path) -> Project:
     params["data"].update(source=str(data), val_fraction=0.25)
     # Pretrained weights: an untrained backbone's frozen features are all zero in the cache (train refuses them).
     params["base_model"].update(backbone="xception", weights=str(need(XCEPTION_WEIGHTS)), image_size=96)
-    params["train"].update(head_epochs=2, fine_tune_epochs=1, augment_views=1, batch_size=16)
+    params["train"].update(head_epochs=20, fine_tune_epochs=1, augment_views=1, batch_size=16)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     env = {**os.environ, "PYTHONPATH": str(repo / "src"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",

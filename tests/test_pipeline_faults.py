@@ -86,7 +86,7 @@ def test_killed_in_training_then_repro_finishes_and_concurrent_runs_are_refused(
 
     again = run_ok(["dvc", "repro"], repo, env)
     ran = {line.split("'")[1] for line in again.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate", "reference", "export", "robustness", "model_card"}, again.stdout  # ingest, prepare_base_model had completed
+    assert ran == {"train", "evaluate", "reference", "export", "robustness", "model_card", "register"}, again.stdout  # ingest, prepare_base_model had completed
     assert f"MLflow run {killed_run} was left running" in again.stdout
     assert _mlflow_status(env, killed_run) == "KILLED"
 

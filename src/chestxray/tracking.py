@@ -107,16 +107,20 @@ def log_model(model, example, probabilities, extra_files: list[Path], registered
     import tensorflow as tf
     from mlflow.models import infer_signature
 
-    info = mlflow.tensorflow.log_model(
-        model,
-        name="model",
-        signature=infer_signature(example, probabilities),
-        input_example=example,
-        extra_files=[str(p) for p in extra_files],
-        registered_model_name=registered_name,
-        # Naming them skips MLflow's slow requirement inference.
-        pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"],
-    )
+    keras.utils.disable_interactive_logging()  # MLflow runs the input example through the model: no progress bar
+    try:
+        info = mlflow.tensorflow.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, probabilities),
+            input_example=example,
+            extra_files=[str(p) for p in extra_files],
+            registered_model_name=registered_name,
+            # Naming them skips MLflow's slow requirement inference.
+            pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"],
+        )
+    finally:
+        keras.utils.enable_interactive_logging()
     version = str(info.registered_model_version)
     MlflowClient().set_model_version_tag(registered_name, version, KERAS_SHA256_TAG, keras_sha256)
     return version
