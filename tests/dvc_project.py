@@ -50,7 +50,7 @@ def make_project(tmp: Path, kermany224: Path) -> Project:
     copy_subset(kermany224, data, {"train": TRAIN_PER_CLASS, "test": TEST_PER_CLASS})
     repo = tmp / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "config", "main.py", "research/results"):
+    for name in ("dvc.yaml", "config", "main.py"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

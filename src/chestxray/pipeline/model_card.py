@@ -7,7 +7,9 @@ A stage of its own because the card holds evaluate's *and* robustness' results a
 belongs to one stage. The app serves the card at /model/card; it is also logged to the MLflow run
 that train opened (`evaluation/model_card.md`), where a model loaded from the registry finds it.
 reference/ood.json (the out-of-distribution check's figures) is included when it exists, and so
-are the shortcut measurements research/04_cross_source_tb.py writes (--shortcuts).
+are, with --shortcuts, the measurements research/04_cross_source_tb.py writes (not in the default
+stage: that script takes the better part of an hour on 2 cores; the card always carries evaluate's
+source probe).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from chestxray.pipeline.common import StageParser, run_stage
 from chestxray.settings import load_config
 
 
-# Written by research/04_cross_source_tb.py (minutes on 2 cores: a research script, not a stage).
+# Written by research/04_cross_source_tb.py (a research script, not a stage).
 SHORTCUTS = "research/results/04_cross_source_tb.json"
 
 
@@ -30,10 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluation", default="artifacts/evaluation")
     parser.add_argument("--robustness", default="artifacts/robustness")
     parser.add_argument("--reference", default="artifacts/reference")
-    parser.add_argument("--shortcuts", default=SHORTCUTS, help="research/04's JSON (left out when missing)")
+    parser.add_argument("--shortcuts", default=None, help=f"research/04's JSON, e.g. {SHORTCUTS} (optional)")
     args = parser.parse_args(argv)
     run_stage(lambda: model_card(load_config(args.config), Path(args.data), Path(args.model), Path(args.evaluation),
-                                 Path(args.robustness), Path(args.reference), Path(args.shortcuts)),
+                                 Path(args.robustness), Path(args.reference), args.shortcuts and Path(args.shortcuts)),
               Path(args.evaluation))
 
 
