@@ -72,7 +72,7 @@ class Item:
 def read_sources(data: dict[str, Any]) -> list[Source]:
     """The sources of the `data:` params: data.sources, or the older single data.source (+ data.checksum).
 
-    A non-empty data.source wins (`dvc exp run -S data.source=../shared/data/kermany224` gives a
+    A non-empty data.source wins (`dvc exp run -S data.source=path/to/kermany224` gives a
     one-source run); the summary says that data.sources was left aside.
     """
     if data.get("source") or not data.get("sources"):
