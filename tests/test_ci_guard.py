@@ -17,7 +17,7 @@ def _run_probe(tmp_path, ci: str | None):
     (tmp_path / "test_probe.py").write_text(PROBE)
     # The project's own conftest, loaded under another name (a conftest importing `conftest` would import itself).
     (tmp_path / "conftest.py").write_text(
-        "import importlib.util\n"
+        f"import importlib.util, sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})  # its helpers module\n"
         f"spec = importlib.util.spec_from_file_location('project_conftest', {str(ROOT / 'tests' / 'conftest.py')!r})\n"
         "project = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(project)\n"
         "kermany224 = project.kermany224\n")
