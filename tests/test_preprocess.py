@@ -38,6 +38,25 @@ def test_rgb_png_and_gray_jpeg_of_the_same_picture_agree(fullsize_dir):
     np.testing.assert_array_equal(load_image(buf.getvalue(), 224), prepare_image(gray, 224))
 
 
+def _reencoded(x: np.ndarray) -> np.ndarray:
+    """The model input x (gray in 3 channels) encoded once more as a quality-75 JPEG."""
+    buf = io.BytesIO()
+    Image.fromarray(x[..., 0].astype(np.uint8)).save(buf, "JPEG", quality=75)
+    return np.asarray(Image.open(buf), np.float32)
+
+
+def test_full_size_uploads_carry_the_training_copies_compression(kermany224, fullsize_dir):
+    # The training copies are quality-75 JPEGs: encoding one again barely changes it. A full-size
+    # original shrunk in memory had no such artifacts (1.7 grey levels off), and the model scored
+    # pneumonia films as normal; the served input must be as much a q75 fixed point as the copies.
+    copies = [load_image(f, 224) for f in sorted(kermany224.glob("test/*/*.jpeg"))[:8]]
+    uploads = [load_image(f, 224) for f in sorted(fullsize_dir.glob("*/*.jpeg"))]
+    assert len(uploads) == 16
+    copy_drift = max(np.abs(_reencoded(x) - x[..., 0]).mean() for x in copies)
+    upload_drift = max(np.abs(_reencoded(x) - x[..., 0]).mean() for x in uploads)
+    assert copy_drift < 0.05 and upload_drift < 0.05, (copy_drift, upload_drift)
+
+
 @pytest.mark.parametrize("data, words", [
     (b"", "empty"),
     (b"hello, this is a text file", "not a JPEG, PNG or DICOM"),

@@ -4,9 +4,10 @@ An image of any size and format becomes a ``(size, size, 3)`` float32 array of r
 in [0, 255]. The backbone's own scaling (e.g. Xception's [-1, 1]) is a layer inside the model, so
 nothing outside the model needs to know which backbone it is.
 
-Why grayscale and a plain resize: the Kermany training copies are 224x224 RGB files made by
-resizing the originals *without* keeping the aspect ratio, and every X-ray is gray. A full-size
-upload goes through exactly that: to gray, squash to the square, repeat to three channels.
+Why grayscale, a plain resize and a JPEG round trip: the Kermany training copies are 224x224 RGB
+JPEGs at quality 75 made by resizing the originals *without* keeping the aspect ratio, and every
+X-ray is gray. A full-size upload goes through exactly that: to gray, squash to the square, encode
+at quality 75, repeat to three channels.
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ import numpy as np
 
 # A pixel budget checked *before* decoding, so a tiny file declaring huge dimensions is refused.
 MAX_PIXELS = 40_000_000
+# The training copies' JPEG quality (their quantisation tables are libjpeg's at 75). The model learns
+# their compression artifacts: shrunk in memory without them, full-size uploads of pneumonia scored as
+# normal (docs/results.md, "Full-size uploads"). Re-encoding a training copy changes it by ~0.002 grey levels.
+JPEG_QUALITY = 75
 
 
 class ImageError(ValueError):
@@ -134,12 +139,19 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 def prepare_image(gray: np.ndarray, image_size: int) -> np.ndarray:
-    """Map a decoded grayscale image to the model input: (size, size, 3) float32 in [0, 255]."""
+    """Map a decoded grayscale image to the model input: (size, size, 3) float32 in [0, 255].
+
+    Every image, in training and serving, is resized to the square and JPEG-encoded once at
+    JPEG_QUALITY, so an upload carries the same compression artifacts as the training copies.
+    """
     if gray.ndim == 3:  # an RGB array handed in directly
         gray = cv2.cvtColor(gray.astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    gray = gray.astype(np.uint8, copy=False)
     if gray.shape != (image_size, image_size):
         # INTER_AREA averages when shrinking, which is what the dataset's downsized copies look like.
         gray = cv2.resize(gray, (image_size, image_size), interpolation=cv2.INTER_AREA)
+    _, encoded = cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    gray = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
     return np.repeat(gray[..., None], 3, axis=-1).astype(np.float32)
 
 
