@@ -59,6 +59,7 @@ def make_project(tmp: Path, kermany224: Path) -> Project:
     # Pretrained weights: an untrained backbone's frozen features are all zero in the cache (train refuses them).
     params["base_model"].update(backbone="xception", weights=str(need(XCEPTION_WEIGHTS)), image_size=96)
     params["train"].update(head_epochs=20, fine_tune_epochs=1, augment_views=1, batch_size=16)
+    params["xray_check"].update(max_per_origin=40, variants=3, epochs=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     env = {**os.environ, "PYTHONPATH": str(repo / "src"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",

@@ -1,7 +1,8 @@
 """Images that are not chest X-rays, to measure the "not a chest X-ray" check on: real ones that ship
 inside installed packages, and generated ones.
 
-- scikit-learn's sample photos (`sklearn.datasets.load_sample_images`),
+- scikit-learn's sample photos (`sklearn.datasets.load_sample_images`) and matplotlib's (a portrait,
+  logos, terrain elevation maps rendered as images),
 - scikit-image's bundled data (`skimage.data`: photos, microscopy, astronomy, a retina, text, a CT phantom, ...),
 - pydicom's test files: every distinct single 2-D image it ships (CT, MR, ultrasound, nuclear medicine,
   secondary captures, a segmentation, a dose grid),
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +29,8 @@ SKIMAGE_IMAGES = ("astronaut", "brick", "camera", "cat", "cell", "checkerboard",
                   "colorwheel", "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo",
                   "microaneurysms", "moon", "page", "retina", "rocket", "text", "shepp_logan_phantom",
                   "stereo_motorcycle", "binary_blobs")
-LFW_FACES = 5
-SOURCES = ("sklearn", "skimage", "pydicom", "generated")
+LFW_FACES = 40
+SOURCES = ("sklearn", "matplotlib", "skimage", "pydicom", "generated")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,23 @@ def _sklearn() -> list[Sample]:
     bunch = load_sample_images()
     return [Sample(f"sklearn/{Path(name).stem}", "sklearn", to_png(image))
             for name, image in zip(bunch.filenames, bunch.images)]
+
+
+def _matplotlib() -> list[Sample]:
+    import matplotlib
+
+    folder = Path(matplotlib.get_data_path()) / "sample_data"
+    samples = [Sample(f"matplotlib/{name}", "matplotlib", (folder / name).read_bytes())
+               for name in ("grace_hopper.jpg", "logo2.png", "Minduka_Present_Blue_Pack.png")
+               if (folder / name).is_file()]
+    for name, key in (("topobathy.npz", "topo"), ("jacksboro_fault_dem.npz", "elevation")):
+        if (folder / name).is_file():
+            with np.load(folder / name) as data:
+                height = data[key].astype(np.float64)
+            scaled = (height - height.min()) / (np.ptp(height) or 1.0)
+            samples.append(Sample(f"matplotlib/{Path(name).stem}", "matplotlib",
+                                  to_png(cv2.resize(scaled, (512, 512)))))
+    return samples
 
 
 def _skimage() -> list[Sample]:
@@ -151,4 +170,34 @@ def _generated() -> list[Sample]:
 
 def non_xray_samples() -> list[Sample]:
     """All the non-X-ray samples, in a fixed order."""
-    return [*_sklearn(), *_skimage(), *_pydicom(), *_generated()]
+    with warnings.catch_warnings():  # pydicom's test files are deliberately odd, and it says so for each
+        warnings.simplefilter("ignore")
+        return [*_sklearn(), *_matplotlib(), *_skimage(), *_pydicom(), *_generated()]
+
+
+def variants(gray: np.ndarray, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The image and `count` altered copies of it: crops, flips, quarter turns, inversion, gamma, blur.
+
+    Gives the "not a chest X-ray" detector many views of each of the few dozen images it learns from.
+    """
+    out = [gray]
+    for _ in range(count):
+        view = gray
+        h, w = view.shape[:2]
+        if rng.random() < 0.7:
+            ch, cw = max(1, int(h * rng.uniform(0.5, 1))), max(1, int(w * rng.uniform(0.5, 1)))
+            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            view = view[y:y + ch, x:x + cw]
+        if rng.random() < 0.5:
+            view = view[:, ::-1]
+        if rng.random() < 0.3:
+            view = np.rot90(view, int(rng.integers(1, 4)))
+        if rng.random() < 0.3:
+            view = 255 - view
+        view = np.ascontiguousarray(view, dtype=np.uint8)
+        if rng.random() < 0.5:
+            view = (255.0 * (view / 255.0) ** rng.uniform(0.5, 2.0)).astype(np.uint8)
+        if rng.random() < 0.3:
+            view = cv2.GaussianBlur(view, (0, 0), rng.uniform(1.0, 4.0))
+        out.append(view)
+    return out
