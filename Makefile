@@ -29,17 +29,24 @@ setup: $(STAMP)  ## create .venv with the pinned dependencies (GPU=1: TensorFlow
 
 # Regenerate the locks from pyproject.toml's extras. Pins already in requirements/dev.txt are kept (uv prefers
 # an output file's versions) and every other lock is constrained to them, so the locks agree and a rerun changes
-# nothing. Upgrades are deliberate: make lock UPGRADE="--upgrade-package keras" (or UPGRADE=--upgrade for all).
+# nothing (an unchanged lock keeps its file, so `make setup` does not rerun). Upgrades are deliberate:
+# make lock UPGRADE="--upgrade-package keras" (or UPGRADE=--upgrade for all).
 lock: | $(STAMP)  ## recompile requirements/*.txt (uv pip compile; the dev venv has uv)
-	$(UV_COMPILE) $(UPGRADE) --extra dev -o requirements/dev.txt
-	$(UV_COMPILE) --extra cpu --extra serving -c requirements/dev.txt -o requirements/serving.txt
-	$(UV_COMPILE) --extra cpu --extra pipeline -c requirements/dev.txt -o requirements/pipeline.txt
+	@set -e; \
+	keep_if_same() { if cmp -s $$1.new $$1; then rm $$1.new; else mv $$1.new $$1; echo "updated $$1"; fi; }; \
+	compile() { out=$$1; shift; cp $$out $$out.new 2>/dev/null || true; \
+	  $(UV_COMPILE) "$$@" -o $$out.new; keep_if_same $$out; }; \
+	compile requirements/dev.txt $(UPGRADE) --extra dev; \
+	compile requirements/serving.txt --extra cpu --extra serving -c requirements/dev.txt; \
+	compile requirements/pipeline.txt --extra cpu --extra pipeline -c requirements/dev.txt; \
 	{ echo "# The GPU locks' TensorFlow: the release of tensorflow-cpu in dev.txt (written by make lock)"; \
-	  sed -n 's/^tensorflow-cpu==/tensorflow==/p' requirements/dev.txt; } > requirements/tensorflow-gpu.txt
-	$(UV_COMPILE) --extra gpu --extra serving --extra pipeline --extra test --extra dev-tools \
-	  -c requirements/dev.txt -c requirements/tensorflow-gpu.txt -o requirements/gpu.txt
-	$(UV_COMPILE) --extra gpu --extra serving -c requirements/dev.txt -c requirements/tensorflow-gpu.txt \
-	  -o requirements/serving-gpu.txt
+	  sed -n 's/^tensorflow-cpu==/tensorflow==/p' requirements/dev.txt; } > requirements/tensorflow-gpu.txt.new; \
+	keep_if_same requirements/tensorflow-gpu.txt; \
+	compile requirements/gpu.txt --extra gpu --extra serving --extra pipeline --extra test --extra dev-tools \
+	  -c requirements/dev.txt -c requirements/tensorflow-gpu.txt; \
+	compile requirements/serving-gpu.txt --extra gpu --extra serving -c requirements/dev.txt \
+	  -c requirements/tensorflow-gpu.txt; \
+	echo "requirements/*.txt are up to date with pyproject.toml"
 
 pipeline: setup  ## set up, then rebuild the model from the raw images (dvc repro)
 	. $(BIN)/activate && dvc repro
