@@ -7,8 +7,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 TF_CPP_MIN_L
     CHESTXRAY_BIND=0.0.0.0:8000 CHESTXRAY_ENV=production
 WORKDIR /app
 
-COPY requirements.txt pyproject.toml README.md ./
-RUN pip install -r requirements.txt
+# Only the serving set, pinned (requirements/serving.txt: the app, gunicorn, TensorFlow's CPU build, ONNX Runtime,
+# MLflow's client): no DVC, no training or test tools. Dockerfile.gpu is the same on TensorFlow's CUDA build.
+COPY requirements/serving.txt requirements/serving.txt
+RUN pip install -r requirements/serving.txt
+COPY pyproject.toml README.md LICENSE ./
 COPY src/ src/
 COPY config/ config/
 COPY app.py gunicorn.conf.py params.yaml ./
