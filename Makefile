@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup pipeline test test-fast app clean
+.PHONY: setup pipeline test test-fast mutation app clean
 
 $(BIN)/activate: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: setup  ## set up, then run the whole test suite (browser tests need Debian
 
 test-fast: setup  ## everything but the slow end-to-end tests
 	. $(BIN)/activate && python -m pytest -q -m "not slow"
+
+mutation: setup  ## mutation testing of the pure-Python core (mutmut, ~5 min on 2 cores; not in CI): kill rate per module
+	. $(BIN)/activate && nice -n 10 python bench/mutation.py
 
 app: setup  ## serve the trained model at http://127.0.0.1:8000 (settings: gunicorn.conf.py, .env)
 	. $(BIN)/activate && gunicorn -c gunicorn.conf.py app:app
