@@ -13,7 +13,7 @@ UV_COMPILE := $(UV) pip compile pyproject.toml --python-version 3.11.5 --python-
               --custom-compile-command "make lock"
 
 .DEFAULT_GOAL := setup
-.PHONY: setup lock pipeline test test-fast app clean
+.PHONY: setup lock pipeline test test-fast mutation app clean
 
 # The venv holds one lock: everything (requirements/dev.txt) or the same with CUDA TensorFlow (requirements/gpu.txt).
 # Switching between the two starts a new venv: both TensorFlow builds install the same `tensorflow` package.
@@ -57,6 +57,9 @@ test: setup  ## set up, then run the whole test suite (browser tests need Debian
 
 test-fast: setup  ## everything but the slow end-to-end tests
 	. $(BIN)/activate && python -m pytest -q -m "not slow"
+
+mutation: setup  ## mutation testing of the pure-Python core (mutmut, ~5 min on 2 cores; not in CI): kill rate per module
+	. $(BIN)/activate && nice -n 10 python bench/mutation.py
 
 app: setup  ## serve the trained model at http://127.0.0.1:8000 (settings: gunicorn.conf.py, .env)
 	. $(BIN)/activate && gunicorn -c gunicorn.conf.py app:app

@@ -104,6 +104,68 @@ def test_evaluate_calibrates_first_then_chooses_both_thresholds_on_served_probab
     json.dumps(thresholds)  # thresholds.json must be plain JSON
 
 
+# --- exact values and edges -------------------------------------------------------------------------
+
+def test_apply_temperature_gives_a_zero_probability_a_floor_not_minus_infinity():
+    # log(0) is clipped at log(1e-30): at T = 20 that floor is 1e-30 ** (1/20) = 10 ** -1.5 before normalising.
+    soft = apply_temperature(np.array([[1.0, 0.0]]), 20.0)
+    floor = 10 ** -1.5
+    assert soft[0].tolist() == pytest.approx([1 / (1 + floor), floor / (1 + floor)], rel=1e-9)
+    empty = np.zeros((0, 2), np.float32)
+    assert apply_temperature(empty, 2.0) is empty
+
+
+def test_negative_log_likelihood_exact_values():
+    from chestxray.evaluation.calibration import negative_log_likelihood
+
+    probs = np.array([[0.5, 0.5], [0.75, 0.25]], np.float32)
+    assert negative_log_likelihood(np.array([0, 1]), probs) == pytest.approx((np.log(2) + np.log(4)) / 2)
+    # A true class given probability 0 costs -log(1e-30), not infinity.
+    assert negative_log_likelihood(np.array([1]), np.array([[1.0, 0.0]])) == pytest.approx(30 * np.log(10))
+
+
+def test_fit_temperature_edges_stay_inside_its_bounds():
+    import warnings
+
+    assert fit_temperature(np.array([], int), np.zeros((0, 2))) == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unknown solver option" or other warning from the fit
+        # One film, right: sharpening always helps, down to the lower bound 0.05; one film wrong: up to 20.
+        assert fit_temperature(np.array([0]), np.array([[0.8, 0.2]])) == pytest.approx(0.05, rel=1e-3)
+        assert fit_temperature(np.array([1]), np.array([[0.8, 0.2]])) == pytest.approx(20.0, rel=1e-3)
+
+
+def test_low_confidence_record_says_how_it_was_found():
+    method = ("isotonic fit of correctness on served confidence (validation); flag below the confidence "
+              "where the fitted accuracy reaches the target")
+    chosen = choose_low_confidence([0.6, 0.7, 0.8, 0.9], [0, 1, 1, 1], 0.9)
+    assert chosen == {"target_accuracy": 0.9, "n": 4, "method": method, "threshold": pytest.approx(0.65),
+                      "flagged_share": 0.25, "case": "threshold between the last confidence under the target and "
+                                                     "the first at or above it",
+                      "accuracy_flagged": 0.0, "accuracy_not_flagged": 1.0}
+    never_under = choose_low_confidence([0.6, 0.7], [1, 1], 0.9)
+    assert never_under["case"] == "accuracy never under the target: nothing flagged"
+    assert never_under["accuracy_flagged"] is None and never_under["accuracy_not_flagged"] == 1.0
+    never_reached = choose_low_confidence([0.6, 0.7], [1, 0], 0.99)  # pooled to 0.5
+    assert never_reached["case"] == "accuracy never reaches the target: everything flagged"
+    assert never_reached["accuracy_not_flagged"] is None and never_reached["accuracy_flagged"] == 0.5
+    assert choose_low_confidence([], [], 0.9) == {"target_accuracy": 0.9, "n": 0, "method": method, "threshold": 0.0,
+                                                  "flagged_share": 0.0, "case": "no validation data: nothing flagged"}
+
+
+def test_fitted_accuracy_exactly_at_the_target_is_not_flagged():
+    # The isotonic fit pools the first two films to 0.5: at a target of 0.5 that is enough.
+    chosen = choose_low_confidence(np.array([0.5, 0.6, 0.7, 0.8]), np.array([1, 0, 1, 1], bool), 0.5)
+    assert chosen["threshold"] == 0.5 and chosen["flagged_share"] == 0.0
+
+
+def test_low_confidence_threshold_is_the_exact_midpoint_of_float32_confidences():
+    confidence = np.array([0.6, 0.7], np.float32)
+    chosen = choose_low_confidence(confidence, np.array([False, True]), 0.9)
+    # The float64 midpoint (0.65000000596...), not the float32 one (0.64999997...).
+    assert chosen["threshold"] == (float(confidence[0]) + float(confidence[1])) / 2
+
+
 # --- served by the Predictor, on both backends ---------------------------------------------------
 
 @pytest.fixture(scope="module")
