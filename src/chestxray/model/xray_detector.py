@@ -45,7 +45,8 @@ def build_keras_model(augment: bool = True):
     x = keras.layers.Rescaling(1 / 255.0)(inputs)
     if augment:  # other hospitals frame, expose and flip their films differently
         x = keras.layers.RandomFlip("horizontal")(x)
-        x = keras.layers.RandomZoom((-0.2, 0.2))(x)
+        x = keras.layers.RandomZoom((-0.3, 0.3))(x)  # a child's thorax fills less of the film than an adult's
+        x = keras.layers.RandomTranslation(0.1, 0.1)(x)
         x = keras.layers.RandomContrast(0.3)(x)
         x = keras.layers.RandomBrightness(0.2, value_range=(0.0, 1.0))(x)
     for i, channels in enumerate(CHANNELS):
