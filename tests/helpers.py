@@ -90,7 +90,7 @@ USER_KEY = "user-key-0123456789abcdef"
 ADMIN_KEY = "admin-key-0123456789abcdef"
 API_KEYS = f"clinic:{USER_KEY}:user,ops:{ADMIN_KEY}:admin"
 
-PREDICTION_KEYS = {"predicted_class", "confidence", "probabilities", "low_confidence", "warnings",
+PREDICTION_KEYS = {"predicted_class", "confidence", "probabilities", "low_confidence", "warnings", "warning_messages",
                    "ood_distance", "model_version", "inference_time_ms"}
 
 

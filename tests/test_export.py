@@ -144,8 +144,8 @@ def _fit_reference(root: Path, kermany224: Path) -> None:
     data = write_manifest(root / "data", [{"path": str(p), "label": c, "split": split} for c in CLASSES
                                           for split, chosen in (("train", files[c][:8]), ("val", files[c][8:12]))
                                           for p in chosen])
-    params = {"max_train_images": 100, "warn_quantile": 0.99, "refuse_quantile": 1.0, "refuse_margin": 1.2,
-              "max_test_images": 0, "measure_non_xrays": False, "seed": 0}
+    params = {"max_train_images": 100, "warn_quantile": 0.99, "exposure_tail": 0.005,
+              "max_test_images": 0, "seed": 0}
     reference.reference(params, None, data, root / "training", root / "evaluation", root / "reference")
 
 
