@@ -78,7 +78,7 @@ def predict_command(args: argparse.Namespace) -> int:
                     _write_heatmap(predictor, result.image, result.prediction.predicted_class, heatmaps,
                                    _unique(name, used_names))
             bar.update(len(batch))
-    print(f"{len(files) - errors} predicted, {errors} not accepted -> {args.out}", file=sys.stderr)
+    print(f"{len(files) - errors} predicted, {errors} unreadable or refused -> {args.out}", file=sys.stderr)
     return 0
 
 
