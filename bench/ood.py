@@ -1,4 +1,4 @@
-"""The "not a chest X-ray" check on a trained model: non-X-ray images caught, real X-rays wrongly refused.
+"""The population check on a trained model: real X-rays warned about, non-X-ray images warned about.
 
     python bench/ood.py                                # the model in artifacts/, after `dvc repro`
     python bench/ood.py --artifacts ../main/artifacts  # any artifacts folder (read only)
@@ -7,10 +7,12 @@ Runs the reference stage's own function (chestxray.pipeline.reference, with para
 `reference` section, but on every test X-ray instead of `reference.max_test_images`) on the
 artifacts' model and data, writing its output to a temporary folder (never into the artifacts,
 never to MLflow), and times it. The stage fits the reference on train
-X-rays, sets the thresholds on validation X-rays only, and measures the check on the test X-rays
-and on the non-X-ray images that ship with installed packages (chestxray.evaluation.ood_samples).
-Then, for information only (not counted in either share), it scores altered test X-rays: inverted,
-upside down, darkened, rotated 90 degrees.
+X-rays, sets the warn threshold on validation X-rays only, and measures the share of test X-rays
+warned about. This script then scores the non-X-ray images that ship with installed packages
+(chestxray.evaluation.ood_samples): the population check never refuses, so a non-X-ray should at
+least be warned about (refusing it is the "not a chest X-ray" detector's job, measured by its own
+stage). For information only (not counted), it scores altered test X-rays: inverted, upside down,
+darkened, rotated 90 degrees.
 
 Prints a Markdown table and writes bench/results/ood.json (git-ignored).
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-GOALS = {"non_xrays_caught": 0.99, "test_xrays_refused": 0.01}
+GOALS = {"non_xrays_warned": 0.99, "test_xrays_warned": 0.02}  # warn is the 99th validation percentile
 ALTERED_IMAGES = 100
 
 
@@ -49,6 +51,22 @@ def altered_xrays(clf, paths: list[str]) -> dict:
         predictions = clf.predict_arrays(np.stack([prepare_image(change(g), clf.image_size) for g in grays]))
         out[name] = shares([p.verdict for p in predictions])
     return out
+
+
+def non_xrays(clf) -> dict:
+    """Population-check verdicts of the non-X-ray samples (read through the app's decoding and preprocessing)."""
+    from chestxray.data.preprocess import decode_image, prepare_image
+    from chestxray.evaluation.ood_samples import non_xray_samples
+    from chestxray.pipeline.reference import shares
+
+    samples = non_xray_samples()
+    predictions = clf.predict_arrays(np.stack([prepare_image(decode_image(s.data), clf.image_size) for s in samples]))
+    items = [{"name": s.name, "source": s.source, "distance": p.ood_distance, "verdict": p.verdict}
+             for s, p in zip(samples, predictions)]
+    by_source = {src: shares([i["verdict"] for i in items if i["source"] == src])
+                 for src in dict.fromkeys(i["source"] for i in items)}
+    return {**shares([i["verdict"] for i in items]), "by_source": by_source,
+            "missed": [i["name"] for i in items if i["verdict"] == "accept"], "images": items}
 
 
 def run(artifacts: Path, params_path: Path) -> dict:
@@ -74,34 +92,33 @@ def run(artifacts: Path, params_path: Path) -> dict:
         paths = subset([str(artifacts / "data" / p) for p in test.path], list(test.label), ALTERED_IMAGES,
                        params["seed"])
         altered = altered_xrays(clf, paths)
+        summary["non_xrays"] = non_xrays(clf)
     return {"params": params, "stage_seconds": round(stage_s, 1), "reference": summary, "altered_xrays": altered}
 
 
 def table(result: dict) -> str:
     ref = result["reference"]
     t = ref["thresholds"]
-    lines = [f"thresholds (validation, {ref['n_val_images']} X-rays): warn {t['warn_distance']:.1f}, "
-             f"refuse {t['refuse_distance']:.1f}; reference fitted on {ref['n_train_images']} train X-rays",
-             "", "| images | n | accepted | warned | refused | caught (warned or refused) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"warn threshold (validation, {ref['n_val_images']} X-rays): {t['warn_distance']:.1f}; "
+             f"reference fitted on {ref['n_train_images']} train X-rays",
+             "", "| images | n | accepted | warned |", "|---|---:|---:|---:|"]
 
     def row(label: str, s: dict) -> str:
-        return (f"| {label} | {s['n']} | {s['accepted']} | {s['warned']} | {s['refused']} | "
-                f"{100 * s['caught_share']:.1f}% |")
+        return f"| {label} | {s['n']} | {s['accepted']} | {s['warned']} ({100 * s['warned_share']:.1f}%) |"
 
-    lines.append(row("validation X-rays (thresholds set here)", ref["validation"]))
+    lines.append(row("validation X-rays (threshold set here)", ref["validation"]))
     lines.append(row("**test X-rays**", ref["test_xrays"]))
     lines.append(row("**non-X-rays, all**", ref["non_xrays"]))
     for source, s in ref["non_xrays"]["by_source"].items():
         lines.append(row(f"non-X-rays: {source}", s))
     for name, s in result["altered_xrays"].items():
         lines.append(row(f"test X-rays {name} (information)", s))
-    caught, refused = ref["non_xrays"]["caught_share"], ref["test_xrays"]["refused_share"]
-    lines += ["", f"non-X-rays caught {100 * caught:.1f}% [goal >= 99%] "
-                  f"{'OK' if caught >= GOALS['non_xrays_caught'] else 'MISSED'}; "
-                  f"test X-rays refused {100 * refused:.2f}% [goal <= 1%] "
-                  f"{'OK' if refused <= GOALS['test_xrays_refused'] else 'MISSED'}",
-              f"missed non-X-rays: {', '.join(ref['non_xrays']['missed']) or 'none'}",
+    non, test = ref["non_xrays"]["warned_share"], ref["test_xrays"]["warned_share"]
+    lines += ["", f"non-X-rays warned {100 * non:.1f}% [goal >= 99%] "
+                  f"{'OK' if non >= GOALS['non_xrays_warned'] else 'MISSED'}; "
+                  f"test X-rays warned {100 * test:.2f}% [goal <= 2%] "
+                  f"{'OK' if test <= GOALS['test_xrays_warned'] else 'MISSED'}",
+              f"non-X-rays not warned: {', '.join(ref['non_xrays']['missed']) or 'none'}",
               f"reference stage: {result['stage_seconds']:.0f} s (load average before: {result['load_before']})"]
     return "\n".join(lines)
 

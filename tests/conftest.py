@@ -91,8 +91,8 @@ def ood_artifacts(tmp_path_factory, kermany224, xception_weights) -> Path:
         rows += [{"path": str(p), "label": label, "split": "train"} for p in files[:16]]
         rows += [{"path": str(p), "label": label, "split": "val"} for p in files[16:24]]
     data = write_manifest(root / "data", rows)
-    params = {"max_train_images": 1000, "warn_quantile": 0.99, "refuse_quantile": 1.0, "refuse_margin": 1.2,
-              "max_test_images": 0, "measure_non_xrays": False, "seed": 0}
+    params = {"max_train_images": 1000, "warn_quantile": 0.99, "exposure_tail": 0.005,
+              "max_test_images": 0, "seed": 0}
     reference.reference(params, None, data, root / "training", root / "evaluation", root / "reference")
     return root
 

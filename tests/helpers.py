@@ -78,6 +78,43 @@ def copy_model(src: Path, dest: Path, parts: tuple[str, ...] = ("training", "eva
     return dest
 
 
+def set_reference_thresholds(root: Path, thresholds: list[float], legacy: bool = False) -> None:
+    """Move the population check's threshold(s) in root/reference/reference.npz (a copy: see copy_model).
+
+    `legacy` writes the layout of references made before the refuse threshold was dropped: thresholds
+    [warn, refuse], no stored distance bins and no exposure ranges in ood.json.
+    """
+    from chestxray.evaluation.drift import OOD_EDGES
+    from chestxray.model.ood import OOD_FILE, REFERENCE_FILE
+    from chestxray.model.population import EXPOSURE
+
+    path = root / "reference" / REFERENCE_FILE
+    with np.load(path) as stored:
+        arrays = {k: stored[k] for k in stored.files}
+    arrays["thresholds"] = np.array(thresholds, np.float64)
+    if legacy:
+        arrays.pop(OOD_EDGES, None)
+        summary = json.loads((root / "reference" / OOD_FILE).read_text())
+        summary.pop(EXPOSURE, None)
+        (root / "reference" / OOD_FILE).write_text(json.dumps(summary))
+    np.savez(path, **arrays)
+
+
+def photo_png() -> bytes:
+    """scikit-learn's sample photo of a Chinese temple, as a PNG upload: as far from a chest X-ray as it gets."""
+    from sklearn.datasets import load_sample_image
+
+    return png_bytes(load_sample_image("china.jpg")[..., ::-1])  # RGB -> BGR for OpenCV
+
+
+def darkened_png(data: bytes, factor: float = 0.4) -> bytes:
+    """An X-ray's gray levels scaled by `factor` (an under-exposed film), as a PNG."""
+    import cv2
+
+    gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    return png_bytes((gray * factor).astype(np.uint8))
+
+
 def real_test_data(root: Path, kermany224: Path, per_class: int = 6) -> Path:
     """A data folder whose manifest lists real test images (absolute paths) as the test split."""
     return write_manifest(root / "data", [{"path": str(p), "label": c, "split": "test"} for c in ("NORMAL", "PNEUMONIA")
@@ -90,7 +127,7 @@ USER_KEY = "user-key-0123456789abcdef"
 ADMIN_KEY = "admin-key-0123456789abcdef"
 API_KEYS = f"clinic:{USER_KEY}:user,ops:{ADMIN_KEY}:admin"
 
-PREDICTION_KEYS = {"predicted_class", "confidence", "probabilities", "low_confidence", "warnings",
+PREDICTION_KEYS = {"predicted_class", "confidence", "probabilities", "low_confidence", "warnings", "warning_messages",
                    "ood_distance", "model_version", "inference_time_ms"}
 
 
@@ -147,6 +184,9 @@ def assert_prediction(body: dict) -> None:
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert body["confidence"] == pytest.approx(body["probabilities"][body["predicted_class"]])
     assert body["low_confidence"] == ("low_confidence" in body["warnings"])
+    # Every warning comes with words a clinician can read, and no words without a warning.
+    assert list(body["warning_messages"]) == body["warnings"]
+    assert all(isinstance(w, str) and len(w) > 40 for w in body["warning_messages"].values())
 
 
 # --- ingest sources ---------------------------------------------------------------------------------

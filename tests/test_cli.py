@@ -14,7 +14,7 @@ from chestxray.cli import main
 from chestxray.model.predictor import Predictor
 
 COLUMNS = ["file", "predicted_class", "confidence", "p_NORMAL", "p_PNEUMONIA", "low_confidence", "warnings",
-           "ood_distance", "error"]
+           "warning_messages", "ood_distance", "error"]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,10 @@ def test_predict_folder_with_heatmaps(inputs, tiny_artifacts, tmp_path, capsys):
         assert float(row["p_NORMAL"]) + float(row["p_PNEUMONIA"]) == pytest.approx(1.0, abs=1e-4)
         assert float(row["confidence"]) == pytest.approx(float(row[f"p_{row['predicted_class']}"]))
         assert row["low_confidence"] in ("True", "False")
+        # Each warning code is followed by its words: "code: words; code: words".
+        codes = [part.split(": ", 1)[0] for part in row["warning_messages"].split("; ") if part]
+        assert codes == [c for c in row["warnings"].split(";") if c]
+        assert (row["low_confidence"] == "True") == ("low_confidence: The model is unsure" in row["warning_messages"])
 
     pngs = sorted(heatmaps.glob("*.png"))
     assert len(pngs) == 16

@@ -144,15 +144,15 @@ def _fit_reference(root: Path, kermany224: Path) -> None:
     data = write_manifest(root / "data", [{"path": str(p), "label": c, "split": split} for c in CLASSES
                                           for split, chosen in (("train", files[c][:8]), ("val", files[c][8:12]))
                                           for p in chosen])
-    params = {"max_train_images": 100, "warn_quantile": 0.99, "refuse_quantile": 1.0, "refuse_margin": 1.2,
-              "max_test_images": 0, "measure_non_xrays": False, "seed": 0}
+    params = {"max_train_images": 100, "warn_quantile": 0.99, "exposure_tail": 0.005,
+              "max_test_images": 0, "seed": 0}
     reference.reference(params, None, data, root / "training", root / "evaluation", root / "reference")
 
 
 @pytest.mark.slow
 def test_onnx_features_give_the_keras_distances(ood_artifacts, kermany224, originals, tmp_path):
     """ImageNet Xception exported by the stage: the ONNX backend reads the features from its own run and
-    gives the Keras "not a chest X-ray" distances (on real X-rays and on a photo)."""
+    gives the Keras population-check distances and verdicts (on real X-rays and on a photo)."""
     from sklearn.datasets import load_sample_image
 
     root = tmp_path / "artifacts"
@@ -161,13 +161,14 @@ def test_onnx_features_give_the_keras_distances(ood_artifacts, kermany224, origi
     export_stage.convert_and_check(root / "training", export_stage.split_paths(_data_dir(tmp_path, kermany224, 2)),
                                    root / "export", TOLERANCE)
     onnx, keras = (Predictor.from_artifacts(root, backend=b) for b in ("onnx", "keras"))
-    assert onnx.backend == "onnx" and onnx.check.on and keras.check.on
+    assert onnx.backend == "onnx" and onnx.population_check.on and keras.population_check.on
     photo = load_sample_image("china.jpg")
     x = np.stack([keras.prepare(p.read_bytes()) for p in originals[:6]] + [keras.prepare(_png(photo))])
     distances = {name: [p.ood_distance for p in clf.predict_arrays(x)]
                  for name, clf in (("onnx", onnx), ("keras", keras))}
     assert distances["onnx"] == pytest.approx(distances["keras"], rel=1e-3)
-    assert [p.verdict == "refuse" for p in onnx.predict_arrays(x)] == [False] * 6 + [True]
+    verdicts = [p.verdict for p in onnx.predict_arrays(x)]
+    assert verdicts == [p.verdict for p in keras.predict_arrays(x)] and verdicts[-1] == "warn"  # the photo
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -189,8 +190,9 @@ def test_an_export_without_features_turns_the_check_off(exported, kermany224, tm
     export_onnx(clf.model, root / "export" / ONNX_FILE, clf.image_size,  # probabilities only, as before
                 {META_KERAS_SHA256: file_sha256(root / "training" / MODEL_FILE)})
     old = Predictor.from_artifacts(root, backend="onnx")
-    assert old.backend == "onnx" and not old.check.on
-    assert "no features output" in old.check.info()["reason"] and "dvc repro export" in old.check.info()["reason"]
+    assert old.backend == "onnx" and not old.population_check.on
+    reason = old.population_check.info()["reason"]
+    assert "no features output" in reason and "dvc repro export" in reason
     assert old.predict_arrays(np.full((1, 96, 96, 3), 128, np.float32))[0].ood_distance is None
 
 

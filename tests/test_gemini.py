@@ -106,7 +106,10 @@ def test_three_class_prompt_names_the_class_and_the_uncertainty(stub_url):
     GeminiStub.requests.clear()
     prediction = {"predicted_class": "TUBERCULOSIS", "confidence": 0.52, "low_confidence": True,
                   "probabilities": {"NORMAL": 0.08, "PNEUMONIA": 0.40, "TUBERCULOSIS": 0.52},
-                  "warnings": ["low_confidence", "not_a_chest_xray"]}
+                  "warnings": ["low_confidence", "outside_validated_population"],
+                  "warning_messages": {"low_confidence": "The model is unsure about this image.",
+                                       "outside_validated_population": "The image is darker than 99.5% of the "
+                                       "X-rays the model was trained and validated on."}}
     text, reason = explain_prediction(prediction, PNG, api_key="test-key", base_url=stub_url, timeout_s=TIMEOUT_S)
     assert text == EXPLANATION and reason is None
     [sent] = GeminiStub.requests
@@ -115,7 +118,8 @@ def test_three_class_prompt_names_the_class_and_the_uncertainty(stub_url):
     assert "NORMAL 8.0%, PNEUMONIA 40.0%, TUBERCULOSIS 52.0%" in prompt
     assert "next most probable class: PNEUMONIA 40.0%" in prompt
     assert "LOW CONFIDENCE" in prompt and "flagged this output as low confidence" in prompt
-    assert "not a chest xray" in prompt
+    # The population warning is named in words, with the answer's own words for how the image differs.
+    assert "OUTSIDE VALIDATED POPULATION -- The image is darker than 99.5%" in prompt
     assert "not a diagnosis" in prompt and "Do not state or confirm a diagnosis" in prompt
     # A confident answer is not called uncertain.
     confident = build_prompt({**prediction, "confidence": 0.97, "low_confidence": False, "warnings": []})

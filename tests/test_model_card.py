@@ -51,14 +51,15 @@ def test_card_holds_data_use_metrics_calibration_robustness_and_limits():
 
 
 def test_card_without_robustness_says_so_and_includes_ood_figures_when_given():
-    ood = {"caught_share": 0.995, "refused_xray_share": 0.008, "threshold": {"distance": 12.5}, "n_images": 120}
+    ood = {"validation": {"warned_share": 0.0125}, "thresholds": {"warn_distance": 12.5}, "n_val_images": 120}
     other = {**REPORT, "source": "/data/hospital-b"}
     card = render_model_card(INFO, "sha256:0", other, METRICS, THRESHOLDS, ood=ood)
     assert "Kermany" not in card and "pediatric" not in card and "`/data/hospital-b`" in card
     assert "## Robustness\n\nNot measured" in card
-    assert "## Not a chest X-ray (out-of-distribution check)" in card
-    assert "| caught_share | 0.9950 |" in card and "| threshold.distance | 12.5000 |" in card
-    assert "| n_images | 120 |" in card
+    assert "## Outside the validated population (out-of-distribution warning)" in card
+    assert "`outside_validated_population`" in card and "never refuses" in card
+    assert "| validation.warned_share | 0.0125 |" in card and "| thresholds.warn_distance | 12.5000 |" in card
+    assert "| n_val_images | 120 |" in card
 
 
 THREE = ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
@@ -141,7 +142,7 @@ def test_stage_writes_the_card_from_the_pipeline_files(carded):
     assert "mobilenetv2" in card  # the real model_info.json of the tiny model
     assert "T = 1.700" in card and "**0.085** (clahe_s2" in card
     assert "| clean | as acquired | 0.900 | 0.970 | 0.050 | 0.990 | 0.800 |  |" in card  # NaN drop of the clean row read back
-    assert "Not a chest X-ray" not in card
+    assert "Outside the validated population" not in card  # no reference/ood.json: no section
 
 
 def test_stage_fails_clearly_without_evaluate_outputs(tiny_artifacts, tmp_path):

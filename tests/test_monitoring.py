@@ -112,6 +112,32 @@ def test_metrics_count_requests_predictions_and_refusals(ood_artifacts, xrays):
     assert client.get("/monitoring").get_json()["outcomes"] == {"accepted": 3, "warned": 0, "refused": 1}
 
 
+def test_population_warnings_are_counted_as_answers_not_refusals(ood_artifacts, xrays, tmp_path):
+    """The warn threshold moved above the nearest of four X-rays: three are answered with the warning, and
+    counted so (Prometheus and /monitoring); nothing is counted as refused."""
+    import shutil
+
+    from helpers import set_reference_thresholds
+
+    root = tmp_path / "artifacts"
+    for part in ("training", "evaluation", "reference"):
+        shutil.copytree(ood_artifacts / part, root / part)
+    def form(data: bytes) -> dict:
+        return {"file": (io.BytesIO(data), "x.jpeg")}
+
+    distances = [_client(root).post("/predict", data=form(x)).get_json()["ood_distance"] for x in xrays[:4]]
+    set_reference_thresholds(root, [min(distances) * 1.0001])
+    client = _client(root)
+    answers = [client.post("/predict", data=form(x)) for x in xrays[:4]]
+    assert [r.status_code for r in answers] == [200] * 4
+    assert sum("outside_validated_population" in r.get_json()["warnings"] for r in answers) == 3
+    samples = _metrics(client)
+    assert samples[("chestxray_outside_validated_population_total", ())] == 3
+    assert sum(v for (name, _), v in samples.items() if name == "chestxray_predictions_total") == 4
+    assert samples[("chestxray_not_a_chest_xray_total", (("outcome", "refused"),))] == 0
+    assert client.get("/monitoring").get_json()["outcomes"] == {"accepted": 1, "warned": 3, "refused": 0}
+
+
 def test_apps_do_not_share_metrics(tiny_artifacts):
     first, second = (_client(tiny_artifacts) for _ in range(2))
     first.get("/health")

@@ -53,19 +53,20 @@ def test_the_tiny_model_learnt_and_its_labels_are_not_swapped(project):
     assert mean_p["PNEUMONIA"] > mean_p["NORMAL"]
 
 
-def test_repro_writes_the_not_a_chest_xray_reference(project):
+def test_repro_writes_the_population_reference(project):
     repo, _, _, _ = project
     summary = json.loads((repo / "artifacts/reference/ood.json").read_text())
-    assert summary["thresholds"]["chosen_on"] == "validation"
-    assert 0 < summary["thresholds"]["warn_distance"] < summary["thresholds"]["refuse_distance"]
-    assert summary["n_val_images"] == summary["validation"]["n"] > 0 and summary["validation"]["refused"] == 0
-    assert summary["test_xrays"]["n"] == 24
-    assert summary["non_xrays"]["n"] >= 50 and set(summary["non_xrays"]["by_source"]) == {
-        "sklearn", "skimage", "pydicom", "generated"}
+    assert summary["thresholds"]["chosen_on"] == "validation" and summary["thresholds"]["warn_distance"] > 0
+    assert "refuse_distance" not in summary["thresholds"]
+    validation = summary["validation"]
+    assert summary["n_val_images"] == validation["n"] > 0 and validation["warned_share"] <= 0.05
+    assert summary["test_xrays"]["n"] == 24 and "warned_share" in summary["test_xrays"]
+    exposure = summary["exposure"]
+    assert exposure["intensity_mean"]["low"] < exposure["intensity_mean"]["high"]
+    assert "non_xrays" not in summary and not (repo / "artifacts/reference/non_xrays.csv").exists()
     signals = {"intensity_mean", "image_side", "confidence", "ood_distance", "class_mix"}
     assert signals <= set(summary["drift_reference"])
     assert (repo / "artifacts/reference/reference.npz").stat().st_size > 10_000
-    assert len((repo / "artifacts/reference/non_xrays.csv").read_text().splitlines()) == summary["non_xrays"]["n"] + 1
 
 
 def test_repro_calibrates_on_validation_and_runs_robustness_and_model_card(project):
@@ -107,7 +108,7 @@ def test_mlflow_run_and_registered_champion(project):
     assert run.data.metrics["export.max_abs_diff"] <= 1e-4
     assert {"reference/ood.json", "reference/reference.npz"} <= {
         a.path for a in client.list_artifacts(run_id, "reference")}
-    assert "ood.refuse_distance" in run.data.metrics
+    assert {"ood.warn_distance", "ood.val_warned_share"} <= set(run.data.metrics)
     champion = client.get_model_version_by_alias("chestxray", "champion")
     assert champion.run_id == run_id  # the register stage's first version: no champion before
     registered = json.loads((repo / "artifacts/registry/registered.json").read_text())
@@ -155,7 +156,7 @@ def test_dvc_push_then_clone_and_pull_serves_the_model_without_training(project,
     assert response.status_code == 200, response.get_json()
     prediction = response.get_json()
     assert prediction["predicted_class"] in CLASSES and set(prediction["probabilities"]) == set(CLASSES)
-    assert prediction["ood_distance"] is not None  # the "not a chest X-ray" reference (ood.json too) was pulled
+    assert prediction["ood_distance"] is not None  # the population reference (ood.json too) was pulled
 
 
 def test_second_repro_does_nothing_and_train_param_reruns_only_what_depends_on_the_model(project):
@@ -187,17 +188,17 @@ def test_registered_model_loads_from_registry(project, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # loaded into memory, the download removed: reloads leave nothing behind
     assert clf.classes == list(CLASSES) and clf.version.startswith("chestxray/")
     assert clf.card is not None and "# Model card" in clf.card  # from the run's artifacts
-    assert clf.check.drift_reference is not None  # the app's drift monitor compares with the run's reference
+    assert clf.population_check.drift_reference is not None  # the app's drift monitor compares with the run's reference
     assert clf.calibration.temperature != 1.0  # thresholds.json travels with the registered model
-    # The run's ONNX export and "not a chest X-ray" reference come with it, and belong to this model:
+    # The run's ONNX export and population reference come with it, and belong to this model:
     # the export answers like the registered Keras model, the reference is the one its run measured.
-    assert clf.backend == "onnx" and clf.check.on, clf.check.off_reason
+    assert clf.backend == "onnx" and clf.population_check.on, clf.population_check.off_reason
     keras_clf = load_registered("chestxray", "champion", backend="keras")
     images = sorted((repo / "artifacts/data/images/test").glob("*/*.jpeg"))[:4]
     batch = np.stack([clf.prepare(path.read_bytes()) for path in images])
     assert np.abs(clf.served_probabilities(batch) - keras_clf.served_probabilities(batch)).max() <= 1e-4
     run = MlflowClient().get_run(MlflowClient().get_model_version_by_alias("chestxray", "champion").run_id)
-    assert clf.check.detector.refuse == pytest.approx(run.data.metrics["ood.refuse_distance"])
+    assert clf.population_check.detector.warn == pytest.approx(run.data.metrics["ood.warn_distance"])
     assert all(p.ood_distance is not None for p in clf.predict_arrays(batch))
 
 
@@ -218,5 +219,6 @@ def test_registry_version_without_model_hash_serves_keras_without_the_check(proj
     finally:
         client.set_model_version_tag("chestxray", champion.version, KERAS_SHA256_TAG,
                                      champion.tags[KERAS_SHA256_TAG])
-    assert clf.backend == "keras" and not clf.check.on
-    assert "registered without the hash" in clf.check.off_reason and "dvc repro -f -s register" in clf.check.off_reason
+    assert clf.backend == "keras" and not clf.population_check.on
+    reason = clf.population_check.off_reason
+    assert "registered without the hash" in reason and "dvc repro -f -s register" in reason

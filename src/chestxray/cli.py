@@ -59,14 +59,14 @@ def predict_command(args: argparse.Namespace) -> int:
     if heatmaps:
         heatmaps.mkdir(parents=True, exist_ok=True)
     columns = ["file", "predicted_class", "confidence", *[f"p_{c}" for c in predictor.classes], "low_confidence",
-               "warnings", "ood_distance", "error"]
+               "warnings", "warning_messages", "ood_distance", "error"]
     used_names: set[str] = set()
     errors = 0
     with open(args.out, "w", newline="") as out, tqdm(total=len(files), unit="image", file=sys.stderr) as bar:
         writer = csv.DictWriter(out, fieldnames=columns)
         writer.writeheader()
         for batch in _batches(files, args.batch_size):
-            # The app's rules: the same acceptance checks, and no class for what is not a chest X-ray.
+            # The app's rules: the same acceptance checks, and the same warnings with their words.
             for (path, name), result in zip(batch, predictor.predict_images([path for path, _ in batch]), strict=True):
                 if result.error is not None:
                     errors += 1
@@ -78,16 +78,22 @@ def predict_command(args: argparse.Namespace) -> int:
                     _write_heatmap(predictor, result.image, result.prediction.predicted_class, heatmaps,
                                    _unique(name, used_names))
             bar.update(len(batch))
-    print(f"{len(files) - errors} predicted, {errors} unreadable or not chest X-rays -> {args.out}", file=sys.stderr)
+    print(f"{len(files) - errors} predicted, {errors} unreadable or refused -> {args.out}", file=sys.stderr)
     return 0
 
 
 def _row(path: Path, prediction) -> dict:
     row = {"file": str(path), "predicted_class": prediction.predicted_class,
            "confidence": f"{prediction.confidence:.6f}", "low_confidence": prediction.low_confidence,
-           "warnings": ";".join(prediction.warnings), "ood_distance": prediction.ood_distance, "error": ""}
+           "warnings": ";".join(prediction.warnings), "warning_messages": warning_messages_cell(prediction),
+           "ood_distance": prediction.ood_distance, "error": ""}
     row.update({f"p_{c}": f"{p:.6f}" for c, p in prediction.probabilities.items()})
     return row
+
+
+def warning_messages_cell(prediction) -> str:
+    """The CSV cell for a prediction's warnings in words: "code: words; code: words" ("" without warnings)."""
+    return "; ".join(f"{code}: {words}" for code, words in prediction.warning_messages.items())
 
 
 def _unique(name: str, used: set[str]) -> str:

@@ -44,9 +44,20 @@ CONFIDENCE = Signal("confidence", "probability of the predicted class", _linear(
 NUMERIC_SIGNALS = (INTENSITY_MEAN, INTENSITY_STD, IMAGE_SIDE, CONFIDENCE)  # and ood_signal(), whose bins vary
 
 
-def ood_signal(refuse: float) -> Signal:
-    """The feature-space distance, binned up to 3x the refuse threshold (so refused images still count)."""
-    return Signal("ood_distance", "Mahalanobis distance to the training X-rays' features", _linear(0, 3 * refuse, 64))
+OOD_EDGES = "edges_ood_distance"  # reference.npz array: the distance's bin edges (they depend on the model)
+
+
+def ood_signal(top: float) -> Signal:
+    """The feature-space distance, binned from 0 to `top` (the reference stage uses 4x the warn threshold)."""
+    return Signal("ood_distance", "Mahalanobis distance to the training X-rays' features", _linear(0, top, 64))
+
+
+def _stored_ood_signal(arrays: dict[str, np.ndarray]) -> Signal:
+    """The distance signal with the bins its reference histogram was counted in."""
+    if OOD_EDGES in arrays:
+        return Signal("ood_distance", ood_signal(1.0).description, tuple(float(e) for e in arrays[OOD_EDGES]))
+    # References written before the refuse threshold was dropped binned up to 3x refuse (thresholds[1]).
+    return ood_signal(3 * float(arrays["thresholds"][-1]))
 
 
 def input_signals(batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -105,7 +116,7 @@ class DriftReference:
         summary = ood_summary.get("drift_reference")
         if not summary:
             return None
-        signals = {s.name: s for s in (*NUMERIC_SIGNALS, ood_signal(float(arrays["thresholds"][1])))}
+        signals = {s.name: s for s in (*NUMERIC_SIGNALS, _stored_ood_signal(arrays))}
         histograms = {name: arrays[f"hist_{name}"] for name in signals if f"hist_{name}" in arrays}
         return cls({n: signals[n] for n in histograms}, histograms,
                    {n: summary[n] for n in histograms if n in summary}, dict(summary.get("class_mix", {})))

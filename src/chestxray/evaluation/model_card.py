@@ -235,7 +235,11 @@ def _ood(ood: dict | None) -> list[str]:
 
     rows = [[k, _num(v, 4) if isinstance(v, float) else v] for k, v in flatten(ood).items()
             if isinstance(v, (int, float, str, bool))]
-    return ["## Not a chest X-ray (out-of-distribution check)", "", *_table(["measure", "value"], rows), ""]
+    intro = ("Served images whose features lie farther from the training X-rays than the warn distance (chosen "
+             "on validation) get a prediction with the warning `outside_validated_population` and words saying "
+             "how they differ (exposure, distance); the check never refuses an image.")
+    return ["## Outside the validated population (out-of-distribution warning)", "", intro, "",
+            *_table(["measure", "value"], rows), ""]
 
 
 def _limitations(report: dict, info: dict, metrics: dict) -> list[str]:

@@ -35,7 +35,8 @@ In at most 120 words of plain text (no headings, no lists): first name the model
 how certain the model is, using the probabilities above{low_confidence_instruction}; then say what
 the heatmap suggests the model looked at, whether those regions are plausible for this finding, and
 what could make the output unreliable (for example text or markers on the film, or an image unlike
-the training data). Do not state or confirm a diagnosis, do not recommend treatment, and end by
+the training data; if a warning above says the image is outside the validated population, say so
+plainly and how it differs). Do not state or confirm a diagnosis, do not recommend treatment, and end by
 reminding the reader that this is not a diagnosis and a qualified clinician must interpret the image."""
 
 LOW_CONFIDENCE = ("LOW CONFIDENCE -- the model's confidence is below the level where its validation accuracy "
@@ -50,7 +51,7 @@ def build_prompt(prediction: dict[str, Any], explained_class: str | None = None)
     uncertainty = LOW_CONFIDENCE if prediction.get("low_confidence") else "not flagged as low confidence"
     warnings = [w for w in prediction.get("warnings", []) if w != "low_confidence"]
     if warnings:
-        uncertainty += "; warnings: " + ", ".join(w.replace("_", " ") for w in warnings)
+        uncertainty += "; warnings: " + "; ".join(_warning_in_words(w, prediction) for w in warnings)
     return PROMPT.format(
         classes=", ".join(prediction["probabilities"]),
         predicted_class=prediction["predicted_class"],
@@ -61,6 +62,13 @@ def build_prompt(prediction: dict[str, Any], explained_class: str | None = None)
         low_confidence_instruction=LOW_CONFIDENCE_INSTRUCTION if prediction.get("low_confidence") else "",
         explained_class=explained_class or prediction["predicted_class"],
     )
+
+
+def _warning_in_words(code: str, prediction: dict[str, Any]) -> str:
+    """A warning named in words ("outside validated population"), with the answer's own words for it if any."""
+    words = (prediction.get("warning_messages") or {}).get(code)
+    name = code.replace("_", " ").upper()
+    return f"{name} -- {words}" if words else name
 
 
 def load_sdk() -> None:

@@ -1,15 +1,17 @@
-"""'Not a chest X-ray': how far an image lies from the training X-rays in the model's own feature space.
+"""How far an image lies from the training X-rays in the model's own feature space.
 
 The features are the model's pooled backbone features (the input of its head), taken from the same
 forward pass as the probabilities. The reference stage fits their mean and a shrunk covariance
 (Ledoit-Wolf: the feature dimension is close to the number of images) on training X-rays; an
-image's score is its Mahalanobis distance to them. Two thresholds are set on validation X-rays
-only: from `warn` the prediction is served with the warning "not_a_chest_xray", from `refuse` the
-image is not classified at all.
+image's score is its Mahalanobis distance to them. One threshold is set on validation X-rays only:
+from `warn` the prediction is served with the warning "outside_validated_population"
+(chestxray.model.population). The distance never refuses an image: a real X-ray from another
+hospital can lie far from the training population and still be a chest X-ray; whether an image is
+a chest X-ray at all is a separate detector's question.
 
     detector = OodDetector.load("artifacts/reference")       # None when the stage has not run
     distances = detector.distances(features)                  # (N,)
-    detector.verdict(distances[0])                            # "accept" | "warn" | "refuse"
+    detector.verdict(distances[0])                            # "accept" | "warn"
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from threadpoolctl import ThreadpoolController
 # Files of the reference stage's output folder (artifacts/reference/).
 REFERENCE_FILE = "reference.npz"
 OOD_FILE = "ood.json"
-WARNING = "not_a_chest_xray"
-ACCEPT, WARN, REFUSE = "accept", "warn", "refuse"
+WARNING = "outside_validated_population"
+ACCEPT, WARN = "accept", "warn"
 _THREADPOOLS = ThreadpoolController()  # finding the loaded BLAS libraries is the slow part: once
 
 
@@ -34,16 +36,15 @@ class OodReferenceError(ValueError):
 
 @dataclass
 class OodDetector:
-    """Mahalanobis distance to the training features, with the two thresholds chosen on validation."""
+    """Mahalanobis distance to the training features, with the warn threshold chosen on validation."""
 
     mean: np.ndarray  # (D,)
     whitening: np.ndarray  # (D, D): |whitening @ (x - mean)| is the Mahalanobis distance
     warn: float
-    refuse: float
 
     @classmethod
     def fit(cls, features: np.ndarray) -> "OodDetector":
-        """Fit mean and Ledoit-Wolf covariance on training features (N, D); thresholds are set afterwards."""
+        """Fit mean and Ledoit-Wolf covariance on training features (N, D); the threshold is set afterwards."""
         from sklearn.covariance import LedoitWolf
 
         features = np.asarray(features, np.float64)
@@ -53,7 +54,7 @@ class OodDetector:
         # Cholesky of the precision, once: each distance is then one matrix-vector product. Fitted in
         # float64, kept in float32: half the memory traffic per request, distances within ~1e-6.
         whitening = np.linalg.cholesky(np.linalg.inv(covariance)).T
-        return cls(features.mean(axis=0).astype(np.float32), whitening.astype(np.float32), np.inf, np.inf)
+        return cls(features.mean(axis=0).astype(np.float32), whitening.astype(np.float32), np.inf)
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance (N,) of each row of `features` (N, D) to the training features."""
@@ -66,29 +67,29 @@ class OodDetector:
         with _THREADPOOLS.limit(limits=1, user_api="blas"):
             return np.linalg.norm((features - self.mean) @ self.whitening.T, axis=1).astype(np.float64)
 
-    def set_thresholds(self, val_distances: np.ndarray, warn_quantile: float, refuse_quantile: float,
-                       refuse_margin: float) -> None:
-        """warn: that quantile of validation distances; refuse: `refuse_margin` x a higher quantile (>= warn)."""
+    def set_threshold(self, val_distances: np.ndarray, warn_quantile: float) -> None:
+        """warn: that quantile of validation distances (0.99: 1% of validation X-rays are warned about)."""
         val_distances = np.asarray(val_distances, np.float64)
         if not len(val_distances):
-            raise ValueError("no validation images to set the 'not a chest X-ray' thresholds on")
-        if not 0 < warn_quantile <= refuse_quantile <= 1 or refuse_margin < 1:
-            raise ValueError("reference params: need 0 < warn_quantile <= refuse_quantile <= 1 and refuse_margin >= 1")
+            raise ValueError("no validation images to set the population warning's threshold on")
+        if not 0 < warn_quantile <= 1:
+            raise ValueError(f"reference params: need 0 < warn_quantile <= 1, got {warn_quantile}")
         self.warn = float(np.quantile(val_distances, warn_quantile))
-        self.refuse = float(np.quantile(val_distances, refuse_quantile)) * refuse_margin
 
     def verdict(self, distance: float) -> str:
-        """'accept', 'warn' or 'refuse' for one distance."""
-        if distance >= self.refuse:
-            return REFUSE
+        """'accept' or 'warn' for one distance (never a refusal: see the module docstring)."""
         return WARN if distance >= self.warn else ACCEPT
 
     def save(self, folder: str | Path, arrays: dict[str, np.ndarray] | None = None) -> Path:
-        """Write reference.npz (the detector, plus any extra `arrays`, e.g. drift histograms) into `folder`."""
+        """Write reference.npz (the detector, plus any extra `arrays`, e.g. drift histograms) into `folder`.
+
+        `thresholds` holds [warn]; references written before the refuse threshold was dropped hold
+        [warn, refuse], and load alike (the refuse value is ignored).
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(folder / REFERENCE_FILE, mean=self.mean, whitening=self.whitening,
-                            thresholds=np.array([self.warn, self.refuse]), **(arrays or {}))
+                            thresholds=np.array([self.warn]), **(arrays or {}))
         return folder / REFERENCE_FILE
 
     @classmethod
@@ -104,8 +105,7 @@ class OodDetector:
         if keras_sha256 is not None and summary.get("keras_sha256") != keras_sha256:
             raise OodReferenceError(f"{folder} was fitted on another model.keras (retrained since?) -- re-run the "
                                  "reference stage (`dvc repro reference`)")
-        warn, refuse = (float(t) for t in arrays["thresholds"])
-        return cls(arrays["mean"], arrays["whitening"], warn, refuse)
+        return cls(arrays["mean"], arrays["whitening"], float(arrays["thresholds"][0]))
 
 
 def read_reference(folder: str | Path) -> tuple[dict, dict[str, np.ndarray]] | None:

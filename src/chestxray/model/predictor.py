@@ -1,13 +1,14 @@
 """One prediction path: image bytes (or files, or prepared arrays) -> prediction with its verdict.
 
     predictor = Predictor.from_artifacts("artifacts")              # what `dvc repro` produced
-    results = predictor.predict_images([data, ...])                 # read -> prepare -> predict -> refuse
-    results[0].prediction, results[0].error                         # error: not accepted, or not a chest X-ray
+    results = predictor.predict_images([data, ...])                 # read -> prepare -> predict
+    results[0].prediction, results[0].error                         # error: the image was not accepted
 
 The parts, each in its own module: the network (chestxray.model.network: Keras or ONNX Runtime,
 raw probabilities and features), the calibration (chestxray.model.calibration: temperature,
-decision and low-confidence thresholds), the "not a chest X-ray" check (chestxray.model.not_xray)
-and the acceptance rules for images (chestxray.data.acceptance). The registry's champion loads
+decision and low-confidence thresholds), the population check (chestxray.model.population: is the
+image like the X-rays the model was validated on? it warns, never refuses) and the acceptance rules
+for images (chestxray.data.acceptance). The registry's champion loads
 through chestxray.model.registry.
 
 Probabilities are "raw" (the network's own: no augmentation, no temperature) or "served" (averaged
@@ -25,11 +26,11 @@ import numpy as np
 
 from chestxray.data.acceptance import ImageRejected, read_image
 from chestxray.data.preprocess import decode_image, prepare_image
+from chestxray.evaluation.drift import INTENSITY_MEAN, INTENSITY_STD, input_signals
 from chestxray.model.artifacts import ModelFiles, read_evaluation, read_model_info
 from chestxray.model.calibration import Calibration
 from chestxray.model.network import Network
-from chestxray.model.not_xray import NOT_A_CHEST_XRAY, NotXrayCheck
-from chestxray.model.ood import ACCEPT
+from chestxray.model.population import PopulationCheck
 from chestxray.model.tta import tta_probabilities
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,10 @@ class Prediction:
     probabilities: dict[str, float]  # served
     low_confidence: bool
     warnings: list[str] = field(default_factory=list)
+    # Each warning code's words for a clinician (the page, the batch CSV and Gemini's prompt show them).
+    warning_messages: dict[str, str] = field(default_factory=dict)
     ood_distance: float | None = None  # feature-space distance to the training X-rays; None when the check is off
-    verdict: str | None = None  # the check's "accept" | "warn" | "refuse"; None when it is off
+    verdict: str | None = None  # the population check's "accept" | "warn"; None when it is off
 
     def to_dict(self) -> dict:
         """The answer as the API and the batch command give it (a refusal is an error, not a field)."""
@@ -56,8 +59,8 @@ class Prediction:
 class Result:
     """One image through the whole path: its prediction, or why it gets none."""
 
-    prediction: Prediction | None = None  # also there for a refused image (its distance)
-    error: ImageRejected | None = None  # not accepted (unreadable, too small, ...) or not a chest X-ray
+    prediction: Prediction | None = None
+    error: ImageRejected | None = None  # not accepted (unreadable, too small, ...)
     image: np.ndarray | None = None  # the decoded grayscale original (for Grad-CAM)
 
 
@@ -71,24 +74,24 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray | None]], n_classes: int) -
 
 
 class Predictor:
-    """A network with its classes and input size, its calibration and its "not a chest X-ray" check.
+    """A network with its classes and input size, its calibration and its population check.
 
     Everything is held in memory, so the files it was loaded from may go (a registry download does).
     `info` is model_info.json, `metrics` the test metrics, `card` the model card's Markdown.
     """
 
     def __init__(self, network: Network, info: dict, calibration: Calibration | None = None,
-                 check: NotXrayCheck | None = None, version: str | None = None, metrics: dict | None = None,
-                 card: str | None = None, tta: bool = False):
+                 population_check: PopulationCheck | None = None, version: str | None = None,
+                 metrics: dict | None = None, card: str | None = None, tta: bool = False):
         self.network = network
         self.info = info
         self.classes: list[str] = list(info["classes"])
         self.image_size: int = int(info["image_size"])
         self.normal_class: str | None = info.get("normal_class")
         self.calibration = calibration or Calibration()
-        if check is None or (check.on and network.no_features):
-            check = NotXrayCheck(off_reason=network.no_features)
-        self.check = check
+        if population_check is None or (population_check.on and network.no_features):
+            population_check = PopulationCheck(off_reason=network.no_features)
+        self.population_check = population_check
         self.tta = bool(tta)
         chosen = self.calibration.chosen_with_tta()
         if chosen is not None and chosen != self.tta:
@@ -108,13 +111,13 @@ class Predictor:
         `tta` averages every served prediction over test-time augmentation views (4x the compute).
         `keras_sha256` names a re-saved model (a registered one) by its pipeline model.keras, which
         the export and the reference name; `no_reference_reason` says why the check is off when no
-        reference is found.
+        reference is found (the population check is then off).
         """
         info = read_model_info(files.model_dir)
         thresholds, metrics, card = read_evaluation(files.evaluation_dir)
         network = Network.load(files.model_path, files.onnx_path, backend, keras_sha256)
-        check = NotXrayCheck.load(files.reference_dir, network.keras_sha256, no_reference_reason)
-        return cls(network, info, Calibration.from_thresholds(thresholds), check, version, metrics, card, tta)
+        population = PopulationCheck.load(files.reference_dir, network.keras_sha256, no_reference_reason)
+        return cls(network, info, Calibration.from_thresholds(thresholds), population, version, metrics, card, tta)
 
     @classmethod
     def from_artifacts(cls, root: str | Path = "artifacts", backend: str | None = "auto",
@@ -190,27 +193,43 @@ class Predictor:
 
     # --- predictions -------------------------------------------------------------------------
 
-    def predictions(self, served: np.ndarray, distances: np.ndarray | None = None) -> list[Prediction]:
-        """Predictions from served probabilities (N, C) and, when the check is on, feature distances (N,)."""
+    def low_confidence_message(self, confidence: float) -> str:
+        """The words of the "low_confidence" warning."""
+        return (f"The model is unsure about this image: its confidence ({confidence:.0%}) is below "
+                f"{self.calibration.low_confidence_threshold:.0%}, the level chosen on validation X-rays under which "
+                "its answers were not accurate enough. Do not rely on this output.")
+
+    def predictions(self, served: np.ndarray, distances: np.ndarray | None = None,
+                    signals: dict[str, np.ndarray] | None = None) -> list[Prediction]:
+        """Predictions from served probabilities (N, C) and, when the check is on, feature distances (N,).
+
+        `signals` (evaluation.drift.input_signals of the prepared inputs) let a population warning say
+        whether the image's exposure differs from the reference X-rays.
+        """
         chosen = self.calibration.decide(served, self.classes, self.normal_class)
-        distances = [None] * len(served) if distances is None else distances
+        n = len(served)
+        distances = [None] * n if distances is None else distances
+        signals = signals or {}
+        means = signals.get(INTENSITY_MEAN.name, [None] * n)
+        stds = signals.get(INTENSITY_STD.name, [None] * n)
         results = []
-        for row, k, distance in zip(served, chosen, distances):
+        for row, k, distance, mean, std in zip(served, chosen, distances, means, stds):
             confidence = float(row[k])
             low = self.calibration.is_low_confidence(confidence)
             distance = None if distance is None else round(float(distance), 4)  # as answered, and judged
-            verdict = self.check.verdict(distance)
-            warnings = (["low_confidence"] if low else []) + ([NOT_A_CHEST_XRAY] if verdict not in (None, ACCEPT)
-                                                               else [])
+            messages = {"low_confidence": self.low_confidence_message(confidence)} if low else {}
+            messages |= self.population_check.warnings(distance, None if mean is None else float(mean),
+                                                       None if std is None else float(std))
             results.append(Prediction(predicted_class=self.classes[k], confidence=confidence,
                                       probabilities={c: float(p) for c, p in zip(self.classes, row)},
-                                      low_confidence=low, warnings=warnings, ood_distance=distance, verdict=verdict))
+                                      low_confidence=low, warnings=list(messages), warning_messages=messages,
+                                      ood_distance=distance, verdict=self.population_check.verdict(distance)))
         return results
 
     def predict_arrays(self, inputs: np.ndarray) -> list[Prediction]:
         """Predictions for prepared inputs (N, size, size, 3), with distance and verdict when the check is on."""
         served, features = self.served_outputs(inputs)
-        return self.predictions(served, self.check.distances(features))
+        return self.predictions(served, self.population_check.distances(features), input_signals(inputs))
 
     def prepare(self, data: bytes) -> np.ndarray:
         """Decode image bytes and map them to this model's input (ImageError on bad input; no acceptance rules)."""
@@ -221,8 +240,8 @@ class Predictor:
                        ) -> list[Result]:
         """Each image (bytes or a file) read and checked, the accepted ones predicted in one batch, in order.
 
-        An image the "not a chest X-ray" check refuses gets its prediction (for its distance) and the
-        error. `observe(inputs, longer sides, predictions)` sees every predicted batch (the drift monitor).
+        An image outside the validated population is predicted, with the warning (never refused).
+        `observe(inputs, longer sides, predictions)` sees every predicted batch (the drift monitor).
         """
         results = []
         for image in images:
@@ -238,7 +257,7 @@ class Predictor:
         if observe is not None:
             observe(inputs, [max(r.image.shape[:2]) for r in accepted], predictions)
         for result, prediction in zip(accepted, predictions, strict=True):
-            result.prediction, result.error = prediction, self.check.refusal(prediction.ood_distance)
+            result.prediction = prediction
         return results
 
     def predict_bytes(self, data: bytes) -> Prediction:

@@ -1,18 +1,20 @@
-"""Stage, reference: what chest X-rays look like to the trained model, for the "not a chest X-ray" check and drift.
+"""Stage, reference: what chest X-rays look like to the trained model, for the population check and drift.
 
     python -m chestxray.pipeline.reference --data artifacts/data --model artifacts/training \
         --evaluation artifacts/evaluation --out artifacts/reference
 
 Runs the model (probabilities and pooled features from one forward pass) over a stratified, seeded
 subset of at most `reference.max_train_images` train images and over every validation image. Fits
-the Mahalanobis reference (chestxray.model.ood) on the train features and sets its two thresholds
-on validation distances only. Then measures it: the share of test X-rays (at most
-`reference.max_test_images`) it would warn about or refuse, and the share of non-X-ray images from
-installed packages it catches (chestxray.evaluation.ood_samples). Writes
+the Mahalanobis reference (chestxray.model.ood) on the train features and sets its warn threshold
+on validation distances only, and records the range of the input's exposure (mean gray level and
+spread, all but `reference.exposure_tail` on each side, train subset + validation) that the
+population warning's words compare with (chestxray.model.population). Then measures it: the share
+of validation and test X-rays (at most `reference.max_test_images`) it warns about. It never
+refuses; whether an image is a chest X-ray at all is measured by the detector's own stage. Writes
 
 - reference.npz: the detector, and the reference histograms of every drift signal (evaluation.drift),
-- ood.json: thresholds, the measured shares, the drift summaries, timing (read by the app and the model card),
-- non_xrays.csv: the distance and verdict of each non-X-ray sample.
+- ood.json: threshold, exposure ranges, the measured shares, the drift summaries, timing (read by the
+  app and the model card).
 """
 from __future__ import annotations
 
@@ -24,9 +26,6 @@ import numpy as np
 
 from chestxray.pipeline.common import StageParser, run_stage
 from chestxray.settings import load_config, load_params
-
-NON_XRAYS_FILE = "non_xrays.csv"  # distance and verdict of each non-X-ray sample
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = StageParser(__doc__)
@@ -65,14 +64,13 @@ def _image_sides(paths: list[str]) -> np.ndarray:
 
 
 def shares(verdicts: list[str]) -> dict:
-    """How many of a set of images the check accepts, warns about, refuses; `caught` = warned or refused."""
-    from chestxray.model.ood import ACCEPT, REFUSE, WARN
+    """How many of a set of images the population check accepts and warns about."""
+    from chestxray.model.ood import ACCEPT, WARN
 
     n = len(verdicts)
-    counts = {v: sum(1 for x in verdicts if x == v) for v in (ACCEPT, WARN, REFUSE)}
-    return {"n": n, "accepted": counts[ACCEPT], "warned": counts[WARN], "refused": counts[REFUSE],
-            "caught_share": round((counts[WARN] + counts[REFUSE]) / n, 4) if n else None,
-            "refused_share": round(counts[REFUSE] / n, 4) if n else None}
+    counts = {v: sum(1 for x in verdicts if x == v) for v in (ACCEPT, WARN)}
+    return {"n": n, "accepted": counts[ACCEPT], "warned": counts[WARN],
+            "warned_share": round(counts[WARN] / n, 4) if n else None}
 
 
 def _quantiles(values: np.ndarray) -> dict:
@@ -80,33 +78,15 @@ def _quantiles(values: np.ndarray) -> dict:
         "max": round(float(np.max(values)), 3)}
 
 
-def measure_non_xrays(predictor, detector) -> dict:
-    """Distances and verdicts of the non-X-ray samples (read through the app's decoding and preprocessing)."""
-    from chestxray.data.acceptance import MIN_SIDE
-    from chestxray.data.preprocess import decode_image, prepare_image
-    from chestxray.evaluation.ood_samples import non_xray_samples
-
-    samples = non_xray_samples()
-    grays = [decode_image(s.data) for s in samples]
-    _, features = predictor.raw_outputs(np.stack([prepare_image(g, predictor.image_size) for g in grays]))
-    distances = detector.distances(features)
-    items = [{"name": s.name, "source": s.source, "distance": round(float(d), 3), "verdict": detector.verdict(d),
-              "too_small_for_the_app": bool(min(g.shape[:2]) < MIN_SIDE)}
-             for s, g, d in zip(samples, grays, distances)]
-    by_source = {src: shares([i["verdict"] for i in items if i["source"] == src])
-                 for src in dict.fromkeys(i["source"] for i in items)}
-    missed = [i["name"] for i in items if i["verdict"] == "accept"]
-    return {**shares([i["verdict"] for i in items]), "by_source": by_source, "missed": missed, "images": items}
-
-
 def reference(params: dict, config: dict | None, data_dir: Path, model_dir: Path, evaluation_dir: Path,
               out: Path) -> dict:
-    """Fit the reference, set thresholds on validation, measure; write reference.npz + ood.json (returned)."""
+    """Fit the reference, set the threshold on validation, measure; write reference.npz + ood.json (returned)."""
     import pandas as pd
 
     from chestxray.evaluation import drift
     from chestxray.model.artifacts import ModelFiles
     from chestxray.model.ood import OOD_FILE, OodDetector
+    from chestxray.model.population import EXPOSURE, exposure_ranges
     from chestxray.model.predictor import Predictor
 
     started = time.perf_counter()
@@ -131,29 +111,30 @@ def reference(params: dict, config: dict | None, data_dir: Path, model_dir: Path
         raise ValueError("the model gives no pooled features (no 'pool' layer): cannot fit the reference")
     detector = OodDetector.fit(train_features)
     val_distances = detector.distances(val_features)
-    detector.set_thresholds(val_distances, params["warn_quantile"], params["refuse_quantile"], params["refuse_margin"])
+    detector.set_threshold(val_distances, params["warn_quantile"])
     features_s = time.perf_counter() - started
 
     val_predictions = predictor.predictions(val_probs)
     signals = {name: np.concatenate([batch[name] for batch in inputs]) for name in inputs[0]}
     signals[drift.IMAGE_SIDE.name] = _image_sides(train + paths["val"])
     signals[drift.CONFIDENCE.name] = np.array([p.confidence for p in val_predictions])
-    ood_signal = drift.ood_signal(detector.refuse)
+    ood_signal = drift.ood_signal(4 * detector.warn)  # far images go in the last bin
     signals[ood_signal.name] = val_distances
     histograms = {f"hist_{s.name}": s.histogram(signals[s.name])
                   for s in (drift.INTENSITY_MEAN, drift.INTENSITY_STD, drift.IMAGE_SIDE, drift.CONFIDENCE, ood_signal)}
+    histograms[drift.OOD_EDGES] = np.asarray(ood_signal.edges)
     class_mix = {c: sum(1 for p in val_predictions if p.predicted_class == c) for c in predictor.classes}
 
     summary = {
         "method": "Mahalanobis distance of the model's pooled backbone features to training X-rays "
-                  "(mean and Ledoit-Wolf covariance); thresholds on validation X-rays only",
+                  "(mean and Ledoit-Wolf covariance); warn threshold on validation X-rays only; never refuses",
         "keras_sha256": predictor.keras_sha256,
         "feature_dim": int(train_features.shape[1]),
         "n_train_images": len(train),
         "n_val_images": len(paths["val"]),
-        "thresholds": {"warn_distance": round(detector.warn, 4), "refuse_distance": round(detector.refuse, 4),
-                       "warn_quantile": params["warn_quantile"], "refuse_quantile": params["refuse_quantile"],
-                       "refuse_margin": params["refuse_margin"], "chosen_on": "validation"},
+        "thresholds": {"warn_distance": round(detector.warn, 4), "warn_quantile": params["warn_quantile"],
+                       "chosen_on": "validation"},
+        EXPOSURE: {**exposure_ranges(signals, params["exposure_tail"]), "source": "train subset + validation"},
         "validation": {**shares([detector.verdict(d) for d in val_distances]), "distance": _quantiles(val_distances)},
     }
     if test:
@@ -161,12 +142,6 @@ def reference(params: dict, config: dict | None, data_dir: Path, model_dir: Path
         test_distances = detector.distances(test_features)
         summary["test_xrays"] = {**shares([detector.verdict(d) for d in test_distances]),
                                  "distance": _quantiles(test_distances)}
-    images = []
-    if params.get("measure_non_xrays", True):
-        summary["non_xrays"] = measure_non_xrays(predictor, detector)
-        images = summary["non_xrays"].pop("images")
-    pd.DataFrame(images, columns=list(images[0]) if images else ["name", "source", "distance", "verdict"]).to_csv(
-        out / NON_XRAYS_FILE, index=False)
     summary["drift_reference"] = {
         **{name: {"n": int(len(v)), "mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)}
            for name, v in signals.items()},
@@ -186,12 +161,11 @@ def reference(params: dict, config: dict | None, data_dir: Path, model_dir: Path
 
 def _report(summary: dict) -> None:
     t = summary["thresholds"]
-    line = (f"reference: {summary['n_train_images']} train images, {summary['feature_dim']} features; thresholds "
-            f"warn {t['warn_distance']:.2f}, refuse {t['refuse_distance']:.2f} (validation)")
-    for key, label in (("test_xrays", "test X-rays refused"), ("non_xrays", "non-X-rays caught")):
+    line = (f"reference: {summary['n_train_images']} train images, {summary['feature_dim']} features; "
+            f"warn from {t['warn_distance']:.2f} (validation)")
+    for key, label in (("validation", "validation X-rays warned"), ("test_xrays", "test X-rays warned")):
         if key in summary:
-            share = summary[key]["refused_share" if key == "test_xrays" else "caught_share"]
-            line += f"; {label} {100 * share:.1f}% of {summary[key]['n']}"
+            line += f"; {label} {100 * summary[key]['warned_share']:.1f}% of {summary[key]['n']}"
     print(line + f"; {summary['time_s']['total']:.0f}s")
 
 
@@ -203,12 +177,9 @@ def _log(config: dict, model_dir: Path, out: Path, summary: dict) -> None:
     from chestxray.model.ood import OOD_FILE, REFERENCE_FILE
 
     figures = {"ood.warn_distance": summary["thresholds"]["warn_distance"],
-               "ood.refuse_distance": summary["thresholds"]["refuse_distance"],
-               "ood.val_refused_share": summary["validation"]["refused_share"]}
+               "ood.val_warned_share": summary["validation"]["warned_share"]}
     if "test_xrays" in summary:
-        figures["ood.test_refused_share"] = summary["test_xrays"]["refused_share"]
-    if "non_xrays" in summary:
-        figures["ood.non_xray_caught_share"] = summary["non_xrays"]["caught_share"]
+        figures["ood.test_warned_share"] = summary["test_xrays"]["warned_share"]
     with tracking.resume_run(config, model_dir / "mlflow_run.json"):
         mlflow.log_metrics(figures)
         mlflow.log_artifact(str(out / OOD_FILE), "reference")

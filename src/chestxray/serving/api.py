@@ -2,8 +2,9 @@
 
 Every error is JSON ``{"error": "<code>", "message": "<words>"}`` with a 4xx status (503 while no
 model is loaded). Prediction endpoints need an API key when keys are configured (auth.py).
-Image bytes and file names are never logged. An image too far from the training X-rays in the
-model's feature space is not classified: 422 ``not_a_chest_xray`` (chestxray.model.ood).
+Image bytes and file names are never logged. An image unlike the X-rays the model was validated on
+is still classified, with the warning ``outside_validated_population`` and its words in
+``warning_messages`` (chestxray.model.population).
 Every scored image is counted by the drift monitor (serving.monitoring).
 """
 from __future__ import annotations
@@ -24,6 +25,10 @@ from chestxray.serving.uploads import FileTooLarge, many_files, one_file, read_u
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
+# Placeholder until the "is this a chest X-ray at all?" detector is wired in (issue #14): nothing refuses yet.
+NOT_A_CHEST_XRAY_CHECK = {"enabled": False,
+                          "reason": "the 'is this a chest X-ray at all?' detector is not wired in yet; "
+                                    "population_check only warns, it never refuses"}
 
 def _predictor():
     state = current_state()
@@ -42,7 +47,7 @@ def _predict(predictor, uploads: list[bytes]) -> list:
 
 
 def _predict_one(predictor, upload: bytes):
-    """The Result of one upload; its error (not accepted, not a chest X-ray) is raised as the answer."""
+    """The Result of one upload; its error (the image was not accepted) is raised as the answer."""
     result = _predict(predictor, [upload])[0]
     if result.error is not None:
         raise result.error
@@ -85,7 +90,8 @@ def model_info():
         low_confidence_rule=predictor.calibration.chosen.get("low_confidence_rule"),
         tta=predictor.tta,
         model_card=url_for("api.model_card") if predictor.card is not None else None,
-        not_a_chest_xray_check=predictor.check.info(),
+        population_check=predictor.population_check.info(),
+        not_a_chest_xray_check=NOT_A_CHEST_XRAY_CHECK,
         limits=_limits(),
     )
 
@@ -246,8 +252,7 @@ _UPLOAD_ERRORS = {
     "400": _error_response("missing field, empty file, too many files or unknown class"),
     "413": _error_response("a file over the per-file limit, or a request over the per-request limit"),
     "415": _error_response("not a JPEG, PNG or DICOM image"),
-    "422": _error_response("corrupt/truncated image, a side outside 128-4096 px, or not_a_chest_xray: the image "
-                           "is too far from the training X-rays to be classified"),
+    "422": _error_response("corrupt/truncated image, a side outside 128-4096 px, or not_a_chest_xray"),
     "503": _error_response("no model loaded"),
 }
 
@@ -269,19 +274,22 @@ def openapi_document() -> dict:
     backend = {"type": "string", "enum": ["onnx", "keras"], "description": "what computes the probabilities"}
     prediction = {
         "type": "object",
-        "required": ["predicted_class", "confidence", "probabilities", "low_confidence", "warnings", "ood_distance",
-                     "model_version"],
+        "required": ["predicted_class", "confidence", "probabilities", "low_confidence", "warnings",
+                     "warning_messages", "ood_distance", "model_version"],
         "properties": {
             "predicted_class": {"type": "string"},
             "confidence": {**number, "minimum": 0, "maximum": 1},
             "probabilities": {"type": "object", "additionalProperties": number, "description": "per class"},
             "low_confidence": {"type": "boolean", "description": "confidence below the low-confidence threshold"},
             "warnings": {"type": "array", "items": {"type": "string"},
-                         "description": "low_confidence; not_a_chest_xray (the image looks unlike the training "
-                                        "X-rays: read the answer with extra care)"},
+                         "description": "low_confidence; outside_validated_population (the image is unlike the "
+                                        "X-rays the model was validated on: the answer may be less reliable)"},
+            "warning_messages": {"type": "object", "additionalProperties": {"type": "string"},
+                                 "description": "each warning code's words for a clinician, e.g. how the image "
+                                                "differs from the validated population"},
             "ood_distance": {**number, "nullable": True,
                              "description": "distance to the training X-rays in the model's feature space; "
-                                            "null when the check is off (see /model/info)"},
+                                            "null when the population check is off (see /model/info)"},
             "model_version": {"type": "string"},
             "inference_time_ms": number,
         },
@@ -368,9 +376,14 @@ def openapi_document() -> dict:
                                         "description": "how the low-confidence threshold was chosen on validation"},
                 "tta": {"type": "boolean", "description": "predictions averaged over test-time augmentation"},
                 "model_card": {"type": "string", "nullable": True, "description": "path of the model card"},
-                "not_a_chest_xray_check": {"type": "object", "properties": {
+                "population_check": {"type": "object", "properties": {
                     "enabled": {"type": "boolean"}, "reason": {"type": "string", "description": "why it is off"},
-                    "warn_distance": number, "refuse_distance": number}},
+                    "method": {"type": "string"}, "warning": {"type": "string"},
+                    "refuses": {"type": "boolean", "description": "always false: it warns, never refuses"},
+                    "warn_distance": number, "warn_quantile": number, "chosen_on": {"type": "string"},
+                    "exposure_ranges": {"type": "object", "description": "per input statistic, its low and high"}}},
+                "not_a_chest_xray_check": {"type": "object", "properties": {
+                    "enabled": {"type": "boolean"}, "reason": {"type": "string", "description": "why it is off"}}},
                 "limits": {"type": "object"}}},
             "Prediction": prediction,
             "ExplainedPrediction": explained,

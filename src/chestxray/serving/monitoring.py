@@ -18,11 +18,15 @@ import numpy as np
 from flask import Blueprint, current_app, jsonify
 
 from chestxray.evaluation import drift
-from chestxray.model.ood import ACCEPT, REFUSE, WARN
+from chestxray.model.ood import ACCEPT, WARN
 from chestxray.serving.auth import requires_role
 
 bp = Blueprint("monitoring", __name__)
 EXTENSION = "chestxray_monitor"
+# The verdicts counted: the population check's ACCEPT and WARN (a prediction served with the warning
+# outside_validated_population), and REFUSE for an image refused as not a chest X-ray (the refusal's own
+# detector, issue #14, reports it here; the population check never refuses).
+REFUSE = "refuse"
 
 
 class _Running:
@@ -77,8 +81,9 @@ class Monitor:
     def observe(self, inputs: np.ndarray, sides: list[int], predictions: list, verdicts: list[str | None]) -> None:
         """Record a batch of scored images: prepared inputs (N, size, size, 3), longer sides, predictions, verdicts.
 
-        A verdict is the "not a chest X-ray" check's ("accept", "warn", "refuse"), None when it is off;
-        refused images count for the input signals and the distance, not for confidence or class mix.
+        A verdict is "accept" or "warn" (the population check's; None when it is off) or "refuse" (not a
+        chest X-ray); refused images count for the input signals and the distance, not for confidence or
+        class mix.
         """
         values = {**drift.input_signals(inputs), drift.IMAGE_SIDE.name: np.asarray(sides, np.float64)}
         served = [p for p, v in zip(predictions, verdicts) if v != REFUSE]
@@ -163,17 +168,20 @@ def _reason(name: str, entry: dict) -> str:
 
 
 class _PrometheusMonitor:
-    """The monitor's Prometheus series: predictions by class, not-a-chest-X-ray outcomes, the drift flag."""
+    """The monitor's Prometheus series: predictions by class, population warnings, not-a-chest-X-ray refusals,
+    the drift flag."""
 
     def __init__(self, registry, monitor: Monitor):
         from prometheus_client import Counter, Gauge
 
         self.predictions = Counter("chestxray_predictions", "Predictions served, by predicted class",
                                    ["predicted_class"], registry=registry)
-        self.not_xray = Counter("chestxray_not_a_chest_xray", "Images flagged by the 'not a chest X-ray' check",
+        self.population = Counter("chestxray_outside_validated_population",
+                                  "Predictions served with the warning outside_validated_population",
+                                  registry=registry)
+        self.not_xray = Counter("chestxray_not_a_chest_xray", "Images refused as not a chest X-ray",
                                 ["outcome"], registry=registry)
-        for outcome in ("warned", "refused"):
-            self.not_xray.labels(outcome)  # export zeros before the first one
+        self.not_xray.labels("refused")  # export zero before the first one
         drift_gauge = Gauge("chestxray_drift", "1 when the served images have drifted from the training reference",
                             registry=registry)
         drift_gauge.set_function(lambda: float(monitor.drift_flag()))
@@ -182,16 +190,18 @@ class _PrometheusMonitor:
         for prediction in served:
             self.predictions.labels(prediction.predicted_class).inc()
         for verdict in verdicts:
-            if verdict in (WARN, REFUSE):
-                self.not_xray.labels("warned" if verdict == WARN else "refused").inc()
+            if verdict == WARN:
+                self.population.inc()
+            elif verdict == REFUSE:
+                self.not_xray.labels("refused").inc()
 
 
 def reference_for(predictor) -> tuple[drift.DriftReference | None, str | None]:
     """A loaded predictor's drift reference, or None and the reason."""
     if predictor is None:
         return None, "no model loaded"
-    reference = predictor.check.drift_reference
-    return reference, None if reference is not None else predictor.check.off_reason
+    reference = predictor.population_check.drift_reference
+    return reference, None if reference is not None else predictor.population_check.off_reason
 
 
 def monitor_for(predictor, min_count: int, registry=None) -> Monitor:

@@ -52,8 +52,16 @@ function renderResult(card, data, originalUrl) {
   card.querySelector(".confidence").textContent = "(" + percent(data.confidence) + " confidence)";
   card.querySelector(".low-confidence").hidden = !data.low_confidence;
   if (data.low_confidence) card.classList.add("is-low-confidence");
-  // Between the "not a chest X-ray" thresholds the answer is served with a warning (above them: a 422 error).
-  card.querySelector(".not-xray-warning").hidden = !(data.warnings || []).includes("not_a_chest_xray");
+  // An image unlike the X-rays the model was validated on is still answered, with the server's words
+  // saying how it differs (textContent: the words are shown, never parsed as markup).
+  const population = card.querySelector(".population-warning");
+  const outside = (data.warnings || []).includes("outside_validated_population");
+  population.hidden = !outside;
+  population.querySelector(".population-words").textContent = outside
+    ? (data.warning_messages || {}).outside_validated_population ||
+      "This image is unlike the X-rays the model was validated on, so this prediction may be less reliable."
+    : "";
+  if (outside) card.classList.add("is-outside-population");
   renderBars(card.querySelector(".bars"), data.probabilities, data.predicted_class);
 
   const picture = card.querySelector(".picture");
