@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import (API_KEYS, FULLSIZE, KERMANY224, ROOT, TB256, XCEPTION_WEIGHTS, copy_model, free_port, need,
+from helpers import (API_KEYS, fit_xray_detector, FULLSIZE, KERMANY224, ROOT, TB256, XCEPTION_WEIGHTS, copy_model, free_port, need,
                      real_test_data, save_artifacts, write_manifest)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -65,7 +65,7 @@ def tiny_artifacts(tmp_path_factory, kermany224) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ood_artifacts(tmp_path_factory, kermany224, xception_weights) -> Path:
+def ood_artifacts(tmp_path_factory, kermany224, tb256, xception_weights) -> Path:
     """A small model whose features can tell X-rays from photos, with the reference stage's output.
 
     ImageNet Xception cut where the pipeline cuts it (after block 10), at 96 px, its head left untrained
@@ -94,6 +94,7 @@ def ood_artifacts(tmp_path_factory, kermany224, xception_weights) -> Path:
     params = {"max_train_images": 1000, "warn_quantile": 0.99, "exposure_tail": 0.005,
               "max_test_images": 0, "seed": 0}
     reference.reference(params, None, data, root / "training", root / "evaluation", root / "reference")
+    fit_xray_detector(kermany224, tb256, root / "xray_check")
     return root
 
 

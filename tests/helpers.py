@@ -128,7 +128,7 @@ ADMIN_KEY = "admin-key-0123456789abcdef"
 API_KEYS = f"clinic:{USER_KEY}:user,ops:{ADMIN_KEY}:admin"
 
 PREDICTION_KEYS = {"predicted_class", "confidence", "probabilities", "low_confidence", "warnings", "warning_messages",
-                   "ood_distance", "model_version", "inference_time_ms"}
+                   "ood_distance", "xray_score", "model_version", "inference_time_ms"}
 
 
 def free_port() -> int:
@@ -216,3 +216,19 @@ def make_zip(folder: Path, dest: Path, prefix: str = "chest_xray/chest_xray") ->
                 zf.write(f, name)
                 zf.writestr(f"__MACOSX/{Path(name).parent.as_posix()}/._{f.name}", b"\x00\x05\x16\x07")
     return dest
+
+
+
+def fit_xray_detector(kermany224: Path, tb256: Path, out: Path) -> None:
+    """The "not a chest X-ray" detector, trained by its own code on 300 child and 300 adult films (not those the
+    tests upload: Kermany test images and the full-size originals) against the package images' copies."""
+    from chestxray.data.preprocess import decode_image
+    from chestxray.model.xray_detector import XrayDetector, detector_input
+    from chestxray.pipeline.xray_check import non_xrays
+
+    files = [p for label in ("NORMAL", "PNEUMONIA") for p in sorted((kermany224 / "train" / label).glob("*.jpeg"))[
+        100:250]] + [p for label in ("NORMAL", "TUBERCULOSIS") for p in sorted((tb256 / label).iterdir())[:150]]
+    xrays = np.stack([detector_input(decode_image(p.read_bytes())) for p in files])
+    others, _, _ = non_xrays(count=4, seed=0)
+    XrayDetector.fit(xrays, others, epochs=12, seed=0).save(out)
+

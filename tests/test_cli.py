@@ -14,7 +14,7 @@ from chestxray.cli import main
 from chestxray.model.predictor import Predictor
 
 COLUMNS = ["file", "predicted_class", "confidence", "p_NORMAL", "p_PNEUMONIA", "low_confidence", "warnings",
-           "warning_messages", "ood_distance", "error"]
+           "warning_messages", "ood_distance", "xray_score", "error"]
 
 
 @pytest.fixture(scope="module")

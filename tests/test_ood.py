@@ -18,6 +18,7 @@ import requests
 from helpers import (assert_error, assert_prediction, darkened_png, live_server, photo_png, png_bytes,
                      set_reference_thresholds, upload)
 
+from chestxray.model.artifacts import ModelFiles
 from chestxray.model.ood import OOD_FILE, REFERENCE_FILE, OodDetector, OodReferenceError
 from chestxray.model.population import OUTSIDE_VALIDATED_POPULATION, PopulationCheck
 from chestxray.model.predictor import Predictor
@@ -194,7 +195,8 @@ def test_the_population_check_alone_never_refuses(ood_artifacts, kind):
 
     Through the Predictor with no "not a chest X-ray" detector: refusing non-X-rays is that detector's job.
     """
-    predictor = Predictor.from_artifacts(ood_artifacts, backend="keras")
+    predictor = Predictor.load(ModelFiles.from_artifacts(ood_artifacts), backend="keras")  # no xray_check_dir
+    assert not predictor.xray_check.on and "dvc repro xray_check" in predictor.xray_check.off_reason
     [result] = predictor.predict_images([NON_XRAYS[kind]()])
     assert result.error is None and result.prediction is not None
     prediction = result.prediction

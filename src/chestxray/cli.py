@@ -59,7 +59,7 @@ def predict_command(args: argparse.Namespace) -> int:
     if heatmaps:
         heatmaps.mkdir(parents=True, exist_ok=True)
     columns = ["file", "predicted_class", "confidence", *[f"p_{c}" for c in predictor.classes], "low_confidence",
-               "warnings", "warning_messages", "ood_distance", "error"]
+               "warnings", "warning_messages", "ood_distance", "xray_score", "error"]
     used_names: set[str] = set()
     errors = 0
     with open(args.out, "w", newline="") as out, tqdm(total=len(files), unit="image", file=sys.stderr) as bar:
@@ -86,7 +86,7 @@ def _row(path: Path, prediction) -> dict:
     row = {"file": str(path), "predicted_class": prediction.predicted_class,
            "confidence": f"{prediction.confidence:.6f}", "low_confidence": prediction.low_confidence,
            "warnings": ";".join(prediction.warnings), "warning_messages": warning_messages_cell(prediction),
-           "ood_distance": prediction.ood_distance, "error": ""}
+           "ood_distance": prediction.ood_distance, "xray_score": prediction.xray_score, "error": ""}
     row.update({f"p_{c}": f"{p:.6f}" for c, p in prediction.probabilities.items()})
     return row
 

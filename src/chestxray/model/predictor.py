@@ -1,12 +1,13 @@
 """One prediction path: image bytes (or files, or prepared arrays) -> prediction with its verdict.
 
     predictor = Predictor.from_artifacts("artifacts")              # what `dvc repro` produced
-    results = predictor.predict_images([data, ...])                 # read -> prepare -> predict
-    results[0].prediction, results[0].error                         # error: the image was not accepted
+    results = predictor.predict_images([data, ...])                 # read -> prepare -> is it an X-ray? -> predict
+    results[0].prediction, results[0].error                         # error: not accepted, or not a chest X-ray
 
 The parts, each in its own module: the network (chestxray.model.network: Keras or ONNX Runtime,
 raw probabilities and features), the calibration (chestxray.model.calibration: temperature,
-decision and low-confidence thresholds), the population check (chestxray.model.population: is the
+decision and low-confidence thresholds), the "not a chest X-ray" check (chestxray.model.not_xray: its
+own detector, asked before the network; the only check that refuses), the population check (chestxray.model.population: is the
 image like the X-rays the model was validated on? it warns, never refuses) and the acceptance rules
 for images (chestxray.data.acceptance). The registry's champion loads
 through chestxray.model.registry.
@@ -30,6 +31,7 @@ from chestxray.evaluation.drift import INTENSITY_MEAN, INTENSITY_STD, input_sign
 from chestxray.model.artifacts import ModelFiles, read_evaluation, read_model_info
 from chestxray.model.calibration import Calibration
 from chestxray.model.network import Network
+from chestxray.model.not_xray import XRAY_CHECK_DIR, ChestXrayCheck
 from chestxray.model.population import PopulationCheck
 from chestxray.model.tta import tta_probabilities
 
@@ -46,6 +48,7 @@ class Prediction:
     # Each warning code's words for a clinician (the page, the batch CSV and Gemini's prompt show them).
     warning_messages: dict[str, str] = field(default_factory=dict)
     ood_distance: float | None = None  # feature-space distance to the training X-rays; None when the check is off
+    xray_score: float | None = None  # the detector's P(chest X-ray); None when the "not a chest X-ray" check is off
     verdict: str | None = None  # the population check's "accept" | "warn"; None when it is off
 
     def to_dict(self) -> dict:
@@ -74,7 +77,7 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray | None]], n_classes: int) -
 
 
 class Predictor:
-    """A network with its classes and input size, its calibration and its population check.
+    """A network with its classes and input size, its calibration, its "not a chest X-ray" and population checks.
 
     Everything is held in memory, so the files it was loaded from may go (a registry download does).
     `info` is model_info.json, `metrics` the test metrics, `card` the model card's Markdown.
@@ -82,7 +85,8 @@ class Predictor:
 
     def __init__(self, network: Network, info: dict, calibration: Calibration | None = None,
                  population_check: PopulationCheck | None = None, version: str | None = None,
-                 metrics: dict | None = None, card: str | None = None, tta: bool = False):
+                 metrics: dict | None = None, card: str | None = None, tta: bool = False,
+                 xray_check: ChestXrayCheck | None = None):
         self.network = network
         self.info = info
         self.classes: list[str] = list(info["classes"])
@@ -92,6 +96,7 @@ class Predictor:
         if population_check is None or (population_check.on and network.no_features):
             population_check = PopulationCheck(off_reason=network.no_features)
         self.population_check = population_check
+        self.xray_check = xray_check or ChestXrayCheck()
         self.tta = bool(tta)
         chosen = self.calibration.chosen_with_tta()
         if chosen is not None and chosen != self.tta:
@@ -104,26 +109,29 @@ class Predictor:
 
     @classmethod
     def load(cls, files: ModelFiles, backend: str | None = "auto", tta: bool = False, version: str | None = None,
-             keras_sha256: str | None = None, no_reference_reason: str | None = None) -> "Predictor":
+             keras_sha256: str | None = None, no_reference_reason: str | None = None,
+             xray_check_dir: str | Path | None = None) -> "Predictor":
         """Load a predictor from its files (see ModelFiles).
 
         `backend` (auto | onnx | keras) decides whether the export computes; see network.choose_backend.
         `tta` averages every served prediction over test-time augmentation views (4x the compute).
         `keras_sha256` names a re-saved model (a registered one) by its pipeline model.keras, which
         the export and the reference name; `no_reference_reason` says why the check is off when no
-        reference is found (the population check is then off).
+        reference is found (the population check is then off). `xray_check_dir` holds the "not a
+        chest X-ray" detector (the xray_check stage's output); without it nothing is refused as such.
         """
         info = read_model_info(files.model_dir)
         thresholds, metrics, card = read_evaluation(files.evaluation_dir)
         network = Network.load(files.model_path, files.onnx_path, backend, keras_sha256)
         population = PopulationCheck.load(files.reference_dir, network.keras_sha256, no_reference_reason)
-        return cls(network, info, Calibration.from_thresholds(thresholds), population, version, metrics, card, tta)
+        return cls(network, info, Calibration.from_thresholds(thresholds), population, version, metrics, card, tta,
+                   ChestXrayCheck.load(xray_check_dir))
 
     @classmethod
     def from_artifacts(cls, root: str | Path = "artifacts", backend: str | None = "auto",
                        tta: bool = False) -> "Predictor":
-        """Load what the pipeline wrote under `root` (training/, evaluation/, export/model.onnx and reference/)."""
-        return cls.load(ModelFiles.from_artifacts(root), backend, tta)
+        """Load what the pipeline wrote under `root` (training/, evaluation/, export/, reference/, xray_check/)."""
+        return cls.load(ModelFiles.from_artifacts(root), backend, tta, xray_check_dir=Path(root) / XRAY_CHECK_DIR)
 
     # --- what it is --------------------------------------------------------------------------
 
@@ -240,7 +248,8 @@ class Predictor:
                        ) -> list[Result]:
         """Each image (bytes or a file) read and checked, the accepted ones predicted in one batch, in order.
 
-        An image outside the validated population is predicted, with the warning (never refused).
+        What the detector does not take for a chest X-ray gets the 422 `not_a_chest_xray` error and never
+        reaches the network; an X-ray outside the validated population is predicted, with the warning.
         `observe(inputs, longer sides, predictions)` sees every predicted batch (the drift monitor).
         """
         results = []
@@ -253,10 +262,19 @@ class Predictor:
         if not accepted:
             return results
         inputs = np.stack([prepare_image(r.image, self.image_size) for r in accepted])
+        scores = self.xray_check.scores(inputs)
+        if scores is not None:
+            for result, score in zip(accepted, scores, strict=True):
+                result.error = self.xray_check.refusal(float(score))
+            keep = np.array([r.error is None for r in accepted])
+            accepted, inputs, scores = [r for r in accepted if r.error is None], inputs[keep], scores[keep]
+        if not accepted:
+            return results
         predictions = self.predict_arrays(inputs)
         if observe is not None:
             observe(inputs, [max(r.image.shape[:2]) for r in accepted], predictions)
-        for result, prediction in zip(accepted, predictions, strict=True):
+        for i, (result, prediction) in enumerate(zip(accepted, predictions, strict=True)):
+            prediction.xray_score = None if scores is None else round(float(scores[i]), 4)
             result.prediction = prediction
         return results
 

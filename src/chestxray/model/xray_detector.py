@@ -4,7 +4,7 @@
     scores = detector.scores(np.stack([detector_input(gray)]))  # P(chest X-ray) per image
     detector.accepts(scores[0])                                 # score >= the threshold the stage chose
 
-A 64x64 grayscale thumbnail goes through four 3x3 convolutions (16-64 channels), global average
+A 64x64 grayscale thumbnail, standardised, goes through four 3x3 convolutions (16-64 channels), global average
 pooling and a logistic output: enough to see the layout every chest film shares (lungs either
 side of the spine, shoulders, diaphragm), and small enough to run in about a millisecond with
 NumPy. The xray_check stage trains it with Keras on chest X-rays of every source against images
@@ -26,15 +26,18 @@ CHANNELS = (16, 32, 64, 64)  # 3x3 convolutions; a 2x2 max-pool after each but t
 
 
 def detector_input(gray: np.ndarray) -> np.ndarray:
-    """The detector's (64, 64) float32 input in [0, 255] from a grayscale image of any size.
+    """The detector's (64, 64) float32 input from a grayscale image of any size: its thumbnail, standardised.
 
-    A prepared model input (size, size, 3) is accepted too: its first channel is the gray image.
+    Standardised (mean 0, sd 1) so that exposure does not decide: a dark or washed-out X-ray is still
+    an X-ray (the population check says how its exposure differs). A prepared model input
+    (size, size, 3) is accepted too: its first channel is the gray image.
     """
     gray = np.asarray(gray)
     if gray.ndim == 3:
         gray = gray[..., 0]
-    gray = np.ascontiguousarray(gray, dtype=np.float32)
-    return cv2.resize(gray, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_AREA)
+    thumb = cv2.resize(np.ascontiguousarray(gray, dtype=np.float32), (INPUT_SIZE, INPUT_SIZE),
+                       interpolation=cv2.INTER_AREA)
+    return (thumb - thumb.mean()) / (thumb.std() + 1.0)  # +1 grey level: a blank image stays all zeros
 
 
 def build_keras_model(augment: bool = True):
@@ -42,13 +45,11 @@ def build_keras_model(augment: bool = True):
     import keras
 
     inputs = keras.Input((INPUT_SIZE, INPUT_SIZE, 1))
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    if augment:  # other hospitals frame, expose and flip their films differently
+    x = inputs
+    if augment:  # other hospitals frame and flip their films differently (exposure: detector_input standardises)
         x = keras.layers.RandomFlip("horizontal")(x)
-        x = keras.layers.RandomZoom((-0.3, 0.3))(x)  # a child's thorax fills less of the film than an adult's
-        x = keras.layers.RandomTranslation(0.1, 0.1)(x)
-        x = keras.layers.RandomContrast(0.3)(x)
-        x = keras.layers.RandomBrightness(0.2, value_range=(0.0, 1.0))(x)
+        x = keras.layers.RandomZoom((-0.3, 0.3), fill_mode="constant")(x)  # a child's thorax fills less of the film
+        x = keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant")(x)
     for i, channels in enumerate(CHANNELS):
         x = keras.layers.Conv2D(channels, 3, padding="same", activation="relu", name=f"conv{i}")(x)
         if i < len(CHANNELS) - 1:
@@ -85,8 +86,8 @@ class XrayDetector:
                    out_w[:, 0].astype(np.float32), float(out_b[0]), threshold)
 
     def scores(self, inputs: np.ndarray) -> np.ndarray:
-        """P(chest X-ray) (N,) for detector inputs (N, 64, 64) in [0, 255]."""
-        x = np.asarray(inputs, np.float32)[..., None] / 255.0
+        """P(chest X-ray) (N,) for detector inputs (N, 64, 64) (see detector_input)."""
+        x = np.asarray(inputs, np.float32)[..., None]
         if x.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"detector inputs must be {INPUT_SIZE}x{INPUT_SIZE} (use detector_input)")
         for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
@@ -120,7 +121,7 @@ class XrayDetector:
         folder.mkdir(parents=True, exist_ok=True)
         arrays = {f"kernel{i}": k for i, k in enumerate(self.kernels)} | {f"bias{i}": b for i, b in enumerate(self.biases)}
         np.savez_compressed(folder / DETECTOR_FILE, out_weights=self.out_weights, out_bias=np.float32(self.out_bias),
-                            threshold=np.float32(self.threshold), **arrays)
+                            threshold=np.float64(self.threshold), **arrays)
         return folder / DETECTOR_FILE
 
     @classmethod

@@ -18,6 +18,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, render_template,
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from chestxray.data.acceptance import MAX_SIDE, MIN_SIDE, ImageRejected
+from chestxray.model.not_xray import NOT_A_CHEST_XRAY
 from chestxray.serving.auth import HEADER, requires_role
 from chestxray.serving.errors import HTTP_CODES, ApiError
 from chestxray.serving.model_state import current_state
@@ -25,10 +26,6 @@ from chestxray.serving.uploads import FileTooLarge, many_files, one_file, read_u
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
-# Placeholder until the "is this a chest X-ray at all?" detector is wired in (issue #14): nothing refuses yet.
-NOT_A_CHEST_XRAY_CHECK = {"enabled": False,
-                          "reason": "the 'is this a chest X-ray at all?' detector is not wired in yet; "
-                                    "population_check only warns, it never refuses"}
 
 def _predictor():
     state = current_state()
@@ -42,8 +39,10 @@ def _predict(predictor, uploads: list[bytes]) -> list:
     from chestxray.serving.monitoring import current_monitor
 
     monitor = current_monitor()
-    return predictor.predict_images(uploads, observe=lambda inputs, sides, predictions: monitor.observe(
+    results = predictor.predict_images(uploads, observe=lambda inputs, sides, predictions: monitor.observe(
         inputs, sides, predictions, [p.verdict for p in predictions]))
+    monitor.refused(sum(1 for r in results if r.error is not None and r.error.code == NOT_A_CHEST_XRAY))
+    return results
 
 
 def _predict_one(predictor, upload: bytes):
@@ -91,7 +90,7 @@ def model_info():
         tta=predictor.tta,
         model_card=url_for("api.model_card") if predictor.card is not None else None,
         population_check=predictor.population_check.info(),
-        not_a_chest_xray_check=NOT_A_CHEST_XRAY_CHECK,
+        not_a_chest_xray_check=predictor.xray_check.info(),
         limits=_limits(),
     )
 
@@ -275,7 +274,7 @@ def openapi_document() -> dict:
     prediction = {
         "type": "object",
         "required": ["predicted_class", "confidence", "probabilities", "low_confidence", "warnings",
-                     "warning_messages", "ood_distance", "model_version"],
+                     "warning_messages", "ood_distance", "xray_score", "model_version"],
         "properties": {
             "predicted_class": {"type": "string"},
             "confidence": {**number, "minimum": 0, "maximum": 1},
@@ -290,6 +289,9 @@ def openapi_document() -> dict:
             "ood_distance": {**number, "nullable": True,
                              "description": "distance to the training X-rays in the model's feature space; "
                                             "null when the population check is off (see /model/info)"},
+            "xray_score": {**number, "nullable": True,
+                           "description": "the 'not a chest X-ray' detector's P(chest X-ray); below its threshold "
+                                          "the image is refused (422); null when the detector is off"},
             "model_version": {"type": "string"},
             "inference_time_ms": number,
         },
@@ -383,7 +385,8 @@ def openapi_document() -> dict:
                     "warn_distance": number, "warn_quantile": number, "chosen_on": {"type": "string"},
                     "exposure_ranges": {"type": "object", "description": "per input statistic, its low and high"}}},
                 "not_a_chest_xray_check": {"type": "object", "properties": {
-                    "enabled": {"type": "boolean"}, "reason": {"type": "string", "description": "why it is off"}}},
+                    "enabled": {"type": "boolean"}, "reason": {"type": "string", "description": "why it is off"},
+                    "method": {"type": "string"}, "threshold": number, "chosen_on": {"type": "string"}}},
                 "limits": {"type": "object"}}},
             "Prediction": prediction,
             "ExplainedPrediction": explained,

@@ -102,6 +102,15 @@ class Monitor:
         if self._metrics is not None:
             self._metrics.record(served, verdicts)
 
+    def refused(self, count: int) -> None:
+        """Count images refused as not a chest X-ray (they never reach the network, so observe() does not see them)."""
+        if count <= 0:
+            return
+        with self._lock:
+            self._outcomes[REFUSE] += count
+        if self._metrics is not None:
+            self._metrics.not_xray.labels("refused").inc(count)
+
     def snapshot(self) -> dict[str, Any]:
         """Everything /monitoring answers: counts, live vs reference per signal, class mix, the drift flag."""
         with self._lock:
