@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 
 import cv2
 import numpy as np
@@ -331,6 +332,8 @@ def test_settings_from_env_dotenv_and_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("CHESTXRAY_MAX_BATCH", "lots")
     with pytest.raises(ValueError, match="CHESTXRAY_MAX_BATCH"):
         load_settings()
+    monkeypatch.undo()  # what .env put in the environment goes with the test (checked here, not by a later test)
+    assert os.environ.get("GEMINI_MODEL") != "from-dotenv" and os.environ.get("CHESTXRAY_MAX_BATCH") != "7"
 
 
 @pytest.mark.parametrize(("raw", "expected"), [("1", True), ("Yes", True), ("on", True), ("false", False),
@@ -348,12 +351,6 @@ def test_tta_setting_rejects_words_it_does_not_know(monkeypatch):
     monkeypatch.setenv("CHESTXRAY_TTA", "maybe")
     with pytest.raises(ValueError, match="CHESTXRAY_TTA='maybe' is not a valid boolean"):
         load_settings(dotenv=False)
-
-
-def test_settings_test_leaves_environment_clean():
-    import os
-
-    assert os.environ.get("GEMINI_MODEL") != "from-dotenv"
 
 
 def test_every_setting_is_documented():
