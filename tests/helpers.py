@@ -156,9 +156,38 @@ def live_server(app) -> Iterator[str]:
 
 
 def png_bytes(image: np.ndarray) -> bytes:
+    """A PNG of `image`: 8- or 16-bit (by dtype), gray or BGR(A) as OpenCV takes it."""
     import cv2
 
     return cv2.imencode(".png", image)[1].tobytes()
+
+
+def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 12) -> bytes:
+    """A single-frame uncompressed DICOM file (CR, Secondary Capture) holding `pixels` as they are.
+
+    8 bits stored: one byte a pixel; more: two. MONOCHROME1 means white is low signal, so a caller
+    storing an X-ray as MONOCHROME1 passes the inverted pixels. The values must fit in `bits_stored`.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    assert pixels.ndim == 2 and 0 <= int(pixels.min()) and int(pixels.max()) < 2 ** bits_stored
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    allocated = 8 if bits_stored <= 8 else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, bits_stored, bits_stored - 1, 0
+    ds.PixelData = pixels.astype(np.uint8 if allocated == 8 else np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def upload(data: bytes, name: str = "scan.jpeg", field: str = "file") -> dict:

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import copy_model as _copy_model
 from helpers import real_test_data as _data_dir
-from helpers import write_manifest
+from helpers import png_bytes, upload, write_manifest
 
 from chestxray.model.artifacts import ONNX_FILE, ModelFiles, ModelNotFound
 from chestxray.model.network import choose_backend
@@ -32,10 +32,6 @@ def exported(tiny_exported) -> Path:
 @pytest.fixture(scope="module")
 def originals(fullsize_dir) -> list[Path]:
     return sorted(fullsize_dir.glob("*/*.jpeg"))
-
-
-def upload(data: bytes, name: str = "xray.jpeg", field: str = "file") -> dict:
-    return {field: (io.BytesIO(data), name)}
 
 
 # --- the export stage -----------------------------------------------------------------------------
@@ -163,18 +159,12 @@ def test_onnx_features_give_the_keras_distances(ood_artifacts, kermany224, origi
     onnx, keras = (Predictor.from_artifacts(root, backend=b) for b in ("onnx", "keras"))
     assert onnx.backend == "onnx" and onnx.population_check.on and keras.population_check.on
     photo = load_sample_image("china.jpg")
-    x = np.stack([keras.prepare(p.read_bytes()) for p in originals[:6]] + [keras.prepare(_png(photo))])
+    x = np.stack([keras.prepare(p.read_bytes()) for p in originals[:6]] + [keras.prepare(png_bytes(photo[..., ::-1]))])
     distances = {name: [p.ood_distance for p in clf.predict_arrays(x)]
                  for name, clf in (("onnx", onnx), ("keras", keras))}
     assert distances["onnx"] == pytest.approx(distances["keras"], rel=1e-3)
     verdicts = [p.verdict for p in onnx.predict_arrays(x)]
     assert verdicts == [p.verdict for p in keras.predict_arrays(x)] and verdicts[-1] == "warn"  # the photo
-
-
-def _png(rgb: np.ndarray) -> bytes:
-    import cv2
-
-    return cv2.imencode(".png", rgb[..., ::-1])[1].tobytes()
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import CLASSES, ROOT, data_params, make_subset, make_zip
+from helpers import CLASSES, ROOT, data_params, free_port, make_subset, make_zip
 from PIL import Image
 
 from chestxray.data.sources import DataSourceError, extract, find_dataset_root
@@ -355,18 +354,12 @@ def test_full_kermany224(kermany224, tmp_path):
 
 # --- failures: one line on stderr, exit 1 ----------------------------------------------------------
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("source, words", [
     ("http://127.0.0.1:{port}/x.zip", "could not download"),
     ("missing-folder", "not found"),
 ])
 def test_stage_fails_with_one_line(tmp_path, source, words):
-    result = run_stage(tmp_path, source.format(port=_closed_port()))
+    result = run_stage(tmp_path, source.format(port=free_port()))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
+from helpers import dicom_bytes, png_bytes
 from PIL import Image
 
 from chestxray.data.preprocess import ImageError, decode_image, load_image, prepare_image
@@ -31,11 +33,92 @@ def test_model_input_is_gray_repeated_to_three_channels_in_pixel_range(fullsize_
     np.testing.assert_array_equal(x[..., 0], x[..., 2])
 
 
-def test_rgb_png_and_gray_jpeg_of_the_same_picture_agree(fullsize_dir):
-    gray = decode_image(sorted(fullsize_dir.glob("*/*.jpeg"))[0].read_bytes())
-    buf = io.BytesIO()
-    Image.fromarray(gray).convert("RGB").save(buf, "PNG")
-    np.testing.assert_array_equal(load_image(buf.getvalue(), 224), prepare_image(gray, 224))
+# --- the same picture in every format an upload may come in -------------------------------------
+# Each variant maps an original's decoded gray pixels (uint8, spanning 0..255 as every Kermany original
+# does) to the bytes of another file of the same picture.
+
+def _pedestal12(gray: np.ndarray) -> np.ndarray:
+    """12-bit detector data with an offset, as a CR/DR writes it: 100..3925, linear in the 8-bit picture."""
+    return 100 + gray.astype(np.uint16) * 15
+
+
+def _master16(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A 16-bit master the 8-bit picture was cut from: its top byte is `gray`, its low byte detail."""
+    return gray.astype(np.uint16) * 256 + rng.integers(0, 256, gray.shape, dtype=np.uint16)
+
+
+def _bgr(gray: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+
+
+# The same 8-bit pixels, losslessly: what the model is given must be identical, bit for bit.
+LOSSLESS = {
+    "gray PNG": lambda g, rng: png_bytes(g),
+    "RGB PNG": lambda g, rng: png_bytes(_bgr(g)),
+    "16-bit PNG, full range": lambda g, rng: png_bytes(g.astype(np.uint16) * 257),
+    "16-bit PNG, 12-bit data with an offset": lambda g, rng: png_bytes(_pedestal12(g)),
+    "DICOM MONOCHROME2, 8 bits": lambda g, rng: dicom_bytes(g, "MONOCHROME2", 8),
+    "DICOM MONOCHROME2, 12 bits with an offset": lambda g, rng: dicom_bytes(_pedestal12(g), "MONOCHROME2", 12),
+    "DICOM MONOCHROME2, 16 bits": lambda g, rng: dicom_bytes(g.astype(np.uint16) * 257, "MONOCHROME2", 16),
+    "DICOM MONOCHROME1, 8 bits": lambda g, rng: dicom_bytes(255 - g, "MONOCHROME1", 8),
+    "DICOM MONOCHROME1, 12 bits with an offset": lambda g, rng: dicom_bytes(4095 - _pedestal12(g), "MONOCHROME1", 12),
+}
+# The same picture, not the same 8-bit pixels: more precision than the JPEG had, or lossy again.
+CLOSE = {
+    "16-bit PNG master": lambda g, rng: png_bytes(_master16(g, rng)),
+    "16-bit DICOM master": lambda g, rng: dicom_bytes(_master16(g, rng), "MONOCHROME2", 16),
+    "RGB JPEG, quality 95": lambda g, rng: cv2.imencode(".jpg", _bgr(g), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(),
+}
+# Measured over the 16 originals at 224 px: mean |difference| at most 0.67 grey levels for the 16-bit
+# masters (the stretch rounds the low byte, half a level on average) and 0.41 for the quality-95 JPEG;
+# the largest single pixel 15 and 22. Those maxima are the final quality-75 round trip: a shift of half
+# a level can round a DCT coefficient the other way and move a few pixels at a sharp edge by ~20. A
+# wrong inversion or stretch moves the whole image (tens of grey levels on average).
+CLOSE_MEAN, CLOSE_MAX = 1.0, 32
+
+
+@pytest.fixture(scope="module")
+def originals(fullsize_dir) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, decoded gray, model input at 224 px) for each full-size original JPEG, as uploaded."""
+    files = sorted(fullsize_dir.glob("*/*.jpeg"))
+    assert len(files) == 16
+    out = []
+    for f in files:
+        gray = decode_image(f.read_bytes())
+        assert gray.min() == 0 and gray.max() == 255, f.name  # what makes the stretched variants lossless
+        out.append((f.name, gray, prepare_image(gray, 224)))
+    return out
+
+
+@pytest.mark.parametrize("variant", list(LOSSLESS))
+def test_same_pixels_in_any_format_give_identical_model_input(originals, variant):
+    for name, gray, expected in originals:
+        x = load_image(LOSSLESS[variant](gray, None), 224)
+        assert np.array_equal(x, expected), (variant, name, float(np.abs(x - expected).mean()))
+
+
+@pytest.mark.parametrize("variant", list(CLOSE))
+def test_same_picture_in_any_format_gives_close_model_input(originals, variant):
+    rng = np.random.default_rng(0)
+    for name, gray, expected in originals:
+        diff = np.abs(load_image(CLOSE[variant](gray, rng), 224) - expected)
+        assert diff.mean() < CLOSE_MEAN and diff.max() <= CLOSE_MAX, (variant, name, diff.mean(), diff.max())
+
+
+def test_full_size_upload_prepares_like_its_training_style_copy(originals):
+    """An original and its copy made like the dataset's (224x224 RGB JPEG at quality 75, aspect ratio not
+    kept) give close model inputs: closer than any two different X-rays are."""
+    copies = []
+    for _, gray, _ in originals:
+        buf = io.BytesIO()
+        Image.fromarray(gray).convert("RGB").resize((224, 224), Image.BICUBIC).save(buf, "JPEG", quality=75)
+        copies.append(load_image(buf.getvalue(), 224))
+    # Measured: 0.7-1.2 grey levels on average per image (PIL's bicubic vs OpenCV's area resize, and
+    # the copy's own JPEG); two different originals differ by 24-59.
+    for (name, _, x), copy in zip(originals, copies):
+        assert np.abs(x - copy).mean() < 2.0, name
+    others = [np.abs(a[2] - b[2]).mean() for a, b in zip(originals, originals[1:])]
+    assert min(others) > 10, others
 
 
 def _reencoded(x: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 import requests
 from helpers import ADMIN_KEY, API_KEYS, USER_KEY, assert_error, live_server
 
-from chestxray.serving import create_app, ratelimit
+from chestxray.serving import auth, create_app, ratelimit
 from chestxray.serving.auth import parse_keys
 from chestxray.serving.ratelimit import TokenBuckets
 
@@ -98,7 +98,7 @@ def test_admin_endpoint_refuses_user_keys(client):
 
 def test_keys_are_kept_only_as_digests(app):
     assert USER_KEY not in json.dumps({k: str(v) for k, v in app.config.items()})
-    assert USER_KEY not in repr(app.extensions["chestxray.keys"])
+    assert USER_KEY not in repr(app.extensions[auth.EXTENSION])
 
 
 def test_open_mode_is_announced_and_has_no_admin(caplog, tmp_path):
