@@ -213,7 +213,7 @@ def test_not_a_chest_xray_in_words(browser, ood_artifacts, fullsize_dir, tmp_pat
     photo = tmp_path / "holiday.png"
     photo.write_bytes(png_bytes(load_sample_image("china.jpg")[..., ::-1]))
     root = tmp_path / "artifacts"
-    for part in ("training", "evaluation", "reference"):
+    for part in ("training", "evaluation", "reference", "xray_check"):
         shutil.copytree(ood_artifacts / part, root / part)
     app = create_app({"CHESTXRAY_ARTIFACTS": str(root), "GEMINI_API_KEY": ""})
 

@@ -69,6 +69,17 @@ def test_repro_writes_the_population_reference(project):
     assert (repo / "artifacts/reference/reference.npz").stat().st_size > 10_000
 
 
+def test_repro_fits_the_not_a_chest_xray_detector_leaving_one_source_out(project):
+    repo, _, _, _ = project
+    summary = json.loads((repo / "artifacts/xray_check/xray_check.json").read_text())
+    # One source here (plus the full-size originals when ../shared has them): every origin held out once.
+    held_out = summary["leave_one_source_out"]
+    assert len(held_out) >= 2 and all(0 <= v["accepted_share"] <= 1 and v["n"] > 0 for v in held_out.values())
+    assert 0 < summary["threshold"] < 1 and "never the test split" in summary["chosen_on"]
+    assert summary["non_xrays"]["n"] > 100 and summary["test_xrays"]
+    assert (repo / "artifacts/xray_check/detector.npz").is_file()
+
+
 def test_repro_calibrates_on_validation_and_runs_robustness_and_model_card(project):
     repo, _, _, _ = project
     thresholds = json.loads((repo / "artifacts/evaluation/thresholds.json").read_text())
@@ -200,6 +211,7 @@ def test_registered_model_loads_from_registry(project, tmp_path, monkeypatch):
     run = MlflowClient().get_run(MlflowClient().get_model_version_by_alias("chestxray", "champion").run_id)
     assert clf.population_check.detector.warn == pytest.approx(run.data.metrics["ood.warn_distance"])
     assert all(p.ood_distance is not None for p in clf.predict_arrays(batch))
+    assert clf.xray_check.on, clf.xray_check.off_reason  # the "not a chest X-ray" detector travels with the version
 
 
 def test_registry_version_without_model_hash_serves_keras_without_the_check(project):

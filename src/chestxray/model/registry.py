@@ -2,9 +2,9 @@
 
     predictor = load_registered("chestxray", "champion", backend="auto")   # MLFLOW_TRACKING_URI picks the store
 
-With it come its run's ONNX export and "not a chest X-ray" reference, so it serves like
-Predictor.from_artifacts; a version registered before its model hash was tagged has neither
-(Keras only, check off).
+With it come its run's ONNX export, population reference and "not a chest X-ray" detector, so it
+serves like Predictor.from_artifacts; a version registered before its model hash was tagged has
+no export or reference (Keras only, population check off).
 """
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from pathlib import Path
 
 from chestxray.model.artifacts import (EVALUATION_DIR, EXPORT_DIR, INFO_FILE, MODEL_CARD_FILE, MODEL_FILE, ONNX_FILE,
                                        REFERENCE_DIR, ModelFiles)
+from chestxray.model.not_xray import XRAY_CHECK_DIR
 from chestxray.model.ood import OOD_FILE, REFERENCE_FILE
 from chestxray.model.predictor import Predictor
+from chestxray.model.xray_detector import DETECTOR_FILE
 
 REGISTERED_MODEL_DIR = "model"  # where the registered model.keras and model_info.json go in the download
 
@@ -47,6 +49,7 @@ def download_registered_model(name: str, alias: str, folder: Path) -> tuple[Mode
     if keras_sha256:
         for path in (f"{EXPORT_DIR}/{ONNX_FILE}", f"{REFERENCE_DIR}/{OOD_FILE}", f"{REFERENCE_DIR}/{REFERENCE_FILE}"):
             _download_run_file(version.run_id, path, local)
+    _download_run_file(version.run_id, f"{XRAY_CHECK_DIR}/{DETECTOR_FILE}", local)  # not tied to model.keras
     onnx_path = local / EXPORT_DIR / ONNX_FILE
     files = ModelFiles(model_dir, eval_dir, onnx_path if onnx_path.is_file() else None, local / REFERENCE_DIR)
     return files, f"{name}/{version.version}", keras_sha256
@@ -74,4 +77,5 @@ def load_registered(name: str, alias: str = "champion", backend: str | None = "a
                     "cannot be matched to it -- register it again (`dvc repro -f -s register`) and move the "
                     "alias to the new version (`chestxray promote VERSION`)")
         return Predictor.load(files, backend, tta, version=version, keras_sha256=keras_sha256,
-                              no_reference_reason=None if keras_sha256 else untagged)
+                              no_reference_reason=None if keras_sha256 else untagged,
+                              xray_check_dir=Path(folder) / XRAY_CHECK_DIR)

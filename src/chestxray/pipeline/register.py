@@ -34,11 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluation", default="artifacts/evaluation")
     parser.add_argument("--export", default="artifacts/export")
     parser.add_argument("--reference", default="artifacts/reference")
+    parser.add_argument("--xray-check", default="artifacts/xray_check", help="the xray_check stage's detector")
     parser.add_argument("--out", default="artifacts/registry")
     args = parser.parse_args(argv)
     run_stage(lambda: register(load_params(args.params, "register"), load_config(args.config), Path(args.data),
                                Path(args.model), Path(args.evaluation), Path(args.export), Path(args.reference),
-                               Path(args.out)), Path(args.out))
+                               Path(args.out), Path(args.xray_check)), Path(args.out))
 
 
 def _required(path: Path, stage: str) -> Path:
@@ -48,7 +49,7 @@ def _required(path: Path, stage: str) -> Path:
 
 
 def register(params: dict, config: dict, data_dir: Path, model_dir: Path, evaluation_dir: Path, export_dir: Path,
-             reference_dir: Path, out: Path) -> dict:
+             reference_dir: Path, out: Path, xray_check_dir: Path | None = None) -> dict:
     """Log and register the model with its export and reference; promote by the rule; write registered.json."""
     import mlflow
     import pandas as pd
@@ -56,8 +57,10 @@ def register(params: dict, config: dict, data_dir: Path, model_dir: Path, evalua
     from chestxray import tracking
     from chestxray.model.artifacts import (INFO_FILE, METRICS_FILE, MODEL_CARD_FILE, ONNX_FILE, THRESHOLDS_FILE,
                                            ModelFiles)
+    from chestxray.model.not_xray import XRAY_CHECK_DIR
     from chestxray.model.ood import OOD_FILE, REFERENCE_FILE
     from chestxray.model.predictor import Predictor
+    from chestxray.model.xray_detector import DETECTOR_FILE
 
     margin = float(params["promote_margin"])
     metrics = json.loads(_required(evaluation_dir / METRICS_FILE, "evaluate").read_text())
@@ -68,6 +71,8 @@ def register(params: dict, config: dict, data_dir: Path, model_dir: Path, evalua
     onnx = _required(export_dir / ONNX_FILE, "export")
     references = [_required(reference_dir / f, "reference") for f in (OOD_FILE, REFERENCE_FILE)]
     card = evaluation_dir / MODEL_CARD_FILE
+    # The "not a chest X-ray" detector is the classifier's companion, not part of it: served together.
+    detector = _required(xray_check_dir / DETECTOR_FILE, "xray_check") if xray_check_dir is not None else None
 
     predictor = Predictor.load(ModelFiles(model_dir), backend="keras")
     manifest = pd.read_csv(data_dir / "manifest.csv")
@@ -82,6 +87,8 @@ def register(params: dict, config: dict, data_dir: Path, model_dir: Path, evalua
             mlflow.log_artifact(str(path), "reference")
         if card.is_file():
             mlflow.log_artifact(str(card), "evaluation")
+        if detector is not None:
+            mlflow.log_artifact(str(detector), XRAY_CHECK_DIR)
         # The registered Keras model outputs raw probabilities; the temperature travels in thresholds.json.
         version = tracking.log_model(predictor.model, example, predictor.raw_probabilities(example),
                                      [model_dir / INFO_FILE, thresholds, evaluation_dir / METRICS_FILE], name,
