@@ -140,6 +140,22 @@ def test_training_hospital_xrays_get_a_plain_answer(client, kermany224):
         assert OUTSIDE not in body["warnings"] and OUTSIDE not in body["warning_messages"]
 
 
+def test_adult_films_against_the_pediatric_model_are_answered_with_the_population_warning(client, tb256):
+    """Adult chest films (another hospital) sent to a model validated on children only: chest X-rays, so the
+    detector lets them through, but outside the validated population, so the answer says so in words."""
+    # Not among the test detector's training films; adult films the small test reference (32 child films) places
+    # well beyond its warn distance (measured: ~70 against ~52).
+    normals = sorted((tb256 / "NORMAL").glob("Normal-*.png"))
+    films = [normals[-8], normals[-1]]
+    for path in films:
+        response = client.post("/predict", data=upload(path.read_bytes()))
+        assert response.status_code == 200, (path.name, response.get_json())
+        body = response.get_json()
+        assert_prediction(body)
+        assert OUTSIDE in body["warnings"], (path.name, body["ood_distance"])
+        assert "validated" in body["warning_messages"][OUTSIDE] and body["xray_score"] is not None
+
+
 def test_beyond_warn_the_answer_carries_the_warning_and_its_words(client, ood_artifacts, xrays, tmp_path):
     """The threshold moved just below a real X-ray's distance: answered 200, with the warning and its words."""
     root = _copy(ood_artifacts, tmp_path)
