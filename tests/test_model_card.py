@@ -199,3 +199,15 @@ def test_no_card_is_a_json_404_and_no_link(tiny_artifacts, tmp_path):
 def test_unknown_card_format_is_a_400(client):
     response = client.get("/model/card?format=pdf")
     assert response.status_code == 400 and response.get_json()["error"] == "bad_format"
+
+
+def test_card_reports_the_not_a_chest_xray_detector_per_held_out_source():
+    check = {"threshold": 0.26, "chosen_on": "out-of-fold scores, leaving one source out (never the test split)",
+             "leave_one_source_out": {"kermany": {"n": 2500, "accepted_share": 0.9964},
+                                      "tb256/hospital/TUBERCULOSIS": {"n": 1782, "accepted_share": 0.9141}},
+             "non_xrays": {"n": 3286, "refused_share": 0.9833}}
+    card = render_model_card(INFO, "sha256:0", {}, METRICS, THRESHOLDS, xray_check=check)
+    section = card.split("## Not a chest X-ray (refused)")[1].split("\n## ")[0]
+    assert "| tb256/hospital/TUBERCULOSIS | 1782 | 0.9141 |" in section and "0.9833 refused" in section
+    assert "lateral view is not assessed" in section
+    assert "## Not a chest X-ray" not in render_model_card(INFO, "sha256:0", {}, METRICS, THRESHOLDS)

@@ -228,6 +228,23 @@ def _robustness(robustness: dict | None, table: list[dict] | None) -> list[str]:
     return lines
 
 
+def _not_xray(check: dict | None) -> list[str]:
+    """The "not a chest X-ray" detector: held-out sources accepted, non-X-rays refused (xray_check stage)."""
+    if not check:
+        return []
+    rows = [[name, v["n"], _num(v["accepted_share"], 4)] for name, v in check["leave_one_source_out"].items()]
+    others = check["non_xrays"]
+    return ["## Not a chest X-ray (refused)", "",
+            f"A small detector of its own refuses what it does not take for a chest X-ray (422 `not_a_chest_xray`, "
+            f"before the classifier runs); threshold {check['threshold']} on P(chest X-ray), chosen on "
+            f"{check['chosen_on']}. Chest X-rays of a source the detector was not fitted on, accepted:", "",
+            *_table(["held-out source", "images", "accepted"], rows), "",
+            f"Images that are not chest X-rays (package photos, documents, scans of other kinds, generated; "
+            f"{others['n']} with their altered copies, each scored by a detector that never saw its original): "
+            f"{_num(others['refused_share'], 4)} refused. Frontal vs lateral view is not assessed (no lateral "
+            "films in the data).", ""]
+
+
 def _ood(ood: dict | None) -> list[str]:
     if not ood:
         return []
@@ -269,7 +286,7 @@ def _limitations(report: dict, info: dict, metrics: dict) -> list[str]:
 
 def render_model_card(info: dict, version: str, report: dict, metrics: dict, thresholds: dict,
                       robustness: dict | None = None, robustness_table: list[dict] | None = None,
-                      ood: dict | None = None, shortcuts: dict | None = None) -> str:
+                      ood: dict | None = None, shortcuts: dict | None = None, xray_check: dict | None = None) -> str:
     """The model card as Markdown, from the pipeline's outputs (robustness, ood and the shortcut
     measurements of research/04_cross_source_tb.py when given)."""
     lines = ["# Model card: chestxray", "",
@@ -277,6 +294,6 @@ def render_model_card(info: dict, version: str, report: dict, metrics: dict, thr
              "data set.", "",
              *_model(info, version), *_intended_use(), *_data(report), *_metrics(metrics), *_per_class(metrics),
              *_per_source(metrics), *_risks(metrics, shortcuts), *_calibration(metrics, thresholds),
-             *_robustness(robustness, robustness_table), *_ood(ood),
+             *_robustness(robustness, robustness_table), *_not_xray(xray_check), *_ood(ood),
              *_limitations(report, info, metrics)]
     return "\n".join(lines)

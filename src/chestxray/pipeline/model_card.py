@@ -32,10 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluation", default="artifacts/evaluation")
     parser.add_argument("--robustness", default="artifacts/robustness")
     parser.add_argument("--reference", default="artifacts/reference")
+    parser.add_argument("--xray-check", default="artifacts/xray_check", help="the xray_check stage's output")
     parser.add_argument("--shortcuts", default=None, help=f"research/04's JSON, e.g. {SHORTCUTS} (optional)")
     args = parser.parse_args(argv)
     run_stage(lambda: model_card(load_config(args.config), Path(args.data), Path(args.model), Path(args.evaluation),
-                                 Path(args.robustness), Path(args.reference), args.shortcuts and Path(args.shortcuts)),
+                                 Path(args.robustness), Path(args.reference), args.shortcuts and Path(args.shortcuts),
+                                 Path(args.xray_check)),
               Path(args.evaluation))
 
 
@@ -48,7 +50,7 @@ def _json(path: Path, required: bool = True) -> dict | None:
 
 
 def write_model_card(data_dir: Path, model_dir: Path, evaluation_dir: Path, robustness_dir: Path,
-                     reference_dir: Path, shortcuts: Path | None = None) -> Path:
+                     reference_dir: Path, shortcuts: Path | None = None, xray_check_dir: Path | None = None) -> Path:
     """Render the card from the stages' files into evaluation_dir/model_card.md; returns its path."""
     import pandas as pd
 
@@ -64,20 +66,22 @@ def write_model_card(data_dir: Path, model_dir: Path, evaluation_dir: Path, robu
         thresholds=_json(evaluation_dir / THRESHOLDS_FILE),
         robustness=_json(robustness_dir / "metrics.json", required=False), robustness_table=table,
         ood=_json(reference_dir / "ood.json", required=False),
-        shortcuts=_json(shortcuts, required=False) if shortcuts is not None else None)
+        shortcuts=_json(shortcuts, required=False) if shortcuts is not None else None,
+        xray_check=_json(xray_check_dir / "xray_check.json", required=False) if xray_check_dir is not None else None)
     path = evaluation_dir / MODEL_CARD_FILE
     path.write_text(card)
     return path
 
 
 def model_card(config: dict, data_dir: Path, model_dir: Path, evaluation_dir: Path, robustness_dir: Path,
-               reference_dir: Path, shortcuts: Path | None = None) -> None:
+               reference_dir: Path, shortcuts: Path | None = None, xray_check_dir: Path | None = None) -> None:
     """Write the card and log it to the pipeline's MLflow run."""
     import mlflow
 
     from chestxray import tracking
 
-    path = write_model_card(data_dir, model_dir, evaluation_dir, robustness_dir, reference_dir, shortcuts)
+    path = write_model_card(data_dir, model_dir, evaluation_dir, robustness_dir, reference_dir, shortcuts,
+                            xray_check_dir)
     print(f"model card -> {path}")
     with tracking.resume_run(config, model_dir / "mlflow_run.json"):
         mlflow.log_artifact(str(path), "evaluation")
