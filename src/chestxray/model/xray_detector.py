@@ -19,10 +19,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 DETECTOR_FILE = "detector.npz"
 INPUT_SIZE = 64
 CHANNELS = (16, 32, 64, 64)  # 3x3 convolutions; a 2x2 max-pool after each but the last
+_THREADPOOLS = ThreadpoolController()  # finding the loaded BLAS libraries is the slow part: once
 
 
 def detector_input(gray: np.ndarray) -> np.ndarray:
@@ -90,12 +92,15 @@ class XrayDetector:
         x = np.asarray(inputs, np.float32)[..., None]
         if x.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"detector inputs must be {INPUT_SIZE}x{INPUT_SIZE} (use detector_input)")
-        for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
-            x = _conv_relu(x, kernel, bias)
-            if i < len(self.kernels) - 1:
-                n, h, w, c = x.shape
-                x = x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-        logits = x.mean(axis=(1, 2)) @ self.out_weights + self.out_bias
+        # One BLAS thread, as for the population check: products this small gain nothing from more, and
+        # OpenBLAS threads left spinning would take the cores from the classifier's next call.
+        with _THREADPOOLS.limit(limits=1, user_api="blas"):
+            for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
+                x = _conv_relu(x, kernel, bias)
+                if i < len(self.kernels) - 1:
+                    n, h, w, c = x.shape
+                    x = x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+            logits = x.mean(axis=(1, 2)) @ self.out_weights + self.out_bias
         return 1.0 / (1.0 + np.exp(-np.clip(logits, -50.0, 50.0)))
 
     @classmethod
