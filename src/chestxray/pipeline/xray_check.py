@@ -89,7 +89,7 @@ def xrays_by_origin(data_dir: Path, extra_sources: list[str], limit: int, seed: 
         test[name] = [data_dir / p for p in rows.path[rows.split == "test"]]
     for folder in extra_sources:
         files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:  # e.g. a machine without ../shared: the detector is still fitted, on fewer sources
+        if not files:  # e.g. a machine without the offline data copies: the detector is still fitted, on fewer sources
             print(f"xray_check: no images in {folder} (xray_check.extra_sources): measured without it")
             continue
         fit[Path(folder).name] = files
