@@ -104,8 +104,12 @@ class XrayDetector:
         return 1.0 / (1.0 + np.exp(-np.clip(logits, -50.0, 50.0)))
 
     @classmethod
-    def fit(cls, xrays: np.ndarray, others: np.ndarray, epochs: int, seed: int) -> "XrayDetector":
-        """Train on detector inputs of chest X-rays and of other images (N, 64, 64); both classes weigh the same."""
+    def fit(cls, xrays: np.ndarray, others: np.ndarray, epochs: int, seed: int,
+            xray_weights: np.ndarray | None = None) -> "XrayDetector":
+        """Train on detector inputs of chest X-rays and of other images (N, 64, 64); both classes weigh the same.
+
+        `xray_weights` (N,) share the X-rays' half among them (e.g. each source equally); default: evenly.
+        """
         import keras
 
         keras.utils.set_random_seed(seed)
@@ -113,8 +117,10 @@ class XrayDetector:
         y = np.concatenate([np.ones(len(xrays)), np.zeros(len(others))]).astype(np.float32)
         model = build_keras_model()
         model.compile(keras.optimizers.Adam(2e-3), "binary_crossentropy")
-        weights = {0: len(y) / (2 * len(others)), 1: len(y) / (2 * len(xrays))}
-        model.fit(x, y, batch_size=64, epochs=epochs, class_weight=weights, shuffle=True, verbose=0)
+        xw = np.ones(len(xrays)) if xray_weights is None else np.asarray(xray_weights, float)
+        xw = xw / xw.sum() * len(y) / 2
+        sw = np.concatenate([xw, np.full(len(others), len(y) / (2 * len(others)))]).astype(np.float32)
+        model.fit(x, y, sample_weight=sw, batch_size=64, epochs=epochs, shuffle=True, verbose=0)
         return cls.from_keras(model)
 
     def accepts(self, score: float) -> bool:

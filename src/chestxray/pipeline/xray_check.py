@@ -13,7 +13,9 @@ parts of it stand in for origins. For each origin in turn a detector
 is fitted on all the others (and on five sixths of the non-X-ray images, split by original image) and
 scores the held-out origin and the held-out non-X-rays. The threshold is the one that best separates
 these out-of-fold scores (balanced accuracy): chosen on images the detectors did not see, never on
-the test split. The served detector is then fitted on everything and given that threshold.
+the test split. The served detector is then fitted on everything and given that threshold. Every
+fit weighs each origin's X-rays equally (the 2,500 Kermany films would otherwise drown the 287
+normals of one adult collection).
 
 Writes detector.npz (weights and threshold: chestxray.model.xray_detector) and xray_check.json (the
 leave-one-source-out table, non-X-ray refusals by kind, test X-ray acceptance, time per image).
@@ -148,15 +150,18 @@ def xray_check(params: dict, data_dir: Path, out: Path) -> dict:
     # Leave one origin out (and one sixth of the non-X-ray originals): out-of-fold scores only.
     held_out_scores, other_scores = {}, np.zeros(len(others))
     for k, name in enumerate(origins):
-        detector = XrayDetector.fit(np.concatenate([xrays[o] for o in origins if o != name]), others[other_fold != k],
-                                    params["epochs"], params["seed"])
+        kept = [o for o in origins if o != name]
+        detector = XrayDetector.fit(np.concatenate([xrays[o] for o in kept]), others[other_fold != k],
+                                    params["epochs"], params["seed"],
+                                    np.concatenate([np.full(len(xrays[o]), 1 / len(xrays[o])) for o in kept]))
         held_out_scores[name] = detector.scores(xrays[name])
         other_scores[other_fold == k] = detector.scores(others[other_fold == k])
         print(f"xray_check: fold {k + 1} of {folds} (held out {name}): {np.mean(held_out_scores[name] >= 0.5):.1%} "
               f"accepted, {time.perf_counter() - started:.0f}s", flush=True)
     threshold = best_threshold(np.concatenate(list(held_out_scores.values())), other_scores)
 
-    detector = XrayDetector.fit(np.concatenate(list(xrays.values())), others, params["epochs"], params["seed"])
+    detector = XrayDetector.fit(np.concatenate(list(xrays.values())), others, params["epochs"], params["seed"],
+                                np.concatenate([np.full(len(v), 1 / len(v)) for v in xrays.values()]))
     detector.threshold = threshold
     detector.save(out)
 
