@@ -1,7 +1,8 @@
 """What the command line prints: what a user needs (progress, results, errors), not the libraries' chatter.
 
 `quiet_libraries(verbose)` runs once at the start of `chestxray predict` and of every pipeline stage
-(`--verbose` turns the chatter back on), before TensorFlow is imported: its C++ log level is read once, at import.
+(`--verbose` turns the chatter back on), and imports TensorFlow itself, quietly: its C++ log level is
+read once, at import, and some of its start-up lines ignore it.
 """
 from __future__ import annotations
 
@@ -43,3 +44,27 @@ def quiet_libraries(verbose: bool = False) -> None:
         pass
     for message in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    _import_tensorflow_silently()
+
+
+def _import_tensorflow_silently() -> None:
+    """Import TensorFlow now, its C-level stderr sent to /dev/null for the import only.
+
+    TensorFlow 2.21 writes absl's "All log messages before absl::InitializeLog()" and the oneDNN notice
+    straight to file descriptor 2 on some CPUs, whatever TF_CPP_MIN_LOG_LEVEL says. An import error
+    is still raised (and shown) once the descriptor is back.
+    """
+    import importlib.util
+    import sys
+
+    if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
