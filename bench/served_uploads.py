@@ -56,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", default=str(ROOT / "artifacts"))
     parser.add_argument("--folder", action="append", help="class subfolders of real X-rays (repeatable)")
+    parser.add_argument("--out", default=str(ROOT / "bench/results/served_uploads.json"))
     args = parser.parse_args()
     folders = [Path(f) for f in (args.folder or [ROOT.parent / "shared/data/kermany-val-fullsize"])]
 
@@ -73,7 +74,7 @@ def main() -> None:
               f"| {c['correct']} |")
     print(f"\n'not a chest X-ray' check: {timing} ms per image (prepared input, best of 3); backend "
           f"{predictor.backend}; detector {'on' if predictor.xray_check.on else 'off'}")
-    out = ROOT / "bench/results/served_uploads.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"folders": results, "detector_ms_per_image": timing,
                                "backend": predictor.backend}, indent=2))

@@ -162,11 +162,12 @@ def png_bytes(image: np.ndarray) -> bytes:
     return cv2.imencode(".png", image)[1].tobytes()
 
 
-def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 12) -> bytes:
+def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 12, **tags) -> bytes:
     """A single-frame uncompressed DICOM file (CR, Secondary Capture) holding `pixels` as they are.
 
     8 bits stored: one byte a pixel; more: two. MONOCHROME1 means white is low signal, so a caller
     storing an X-ray as MONOCHROME1 passes the inverted pixels. The values must fit in `bits_stored`.
+    `tags` are set as they are (e.g. RescaleIntercept=-1000, WindowCenter=..., WindowWidth=...).
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -185,6 +186,8 @@ def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_store
     allocated = 8 if bits_stored <= 8 else 16
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, bits_stored, bits_stored - 1, 0
     ds.PixelData = pixels.astype(np.uint8 if allocated == 8 else np.uint16).tobytes()
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from helpers import (CLASSES, ROOT, assert_error, assert_prediction, dicom_bytes, live_server, png_bytes,
+from helpers import (API_KEYS, CLASSES, ROOT, assert_error, assert_prediction, dicom_bytes, live_server, png_bytes,
                      upload)
 
 from chestxray.serving import create_app
@@ -107,7 +107,7 @@ def test_explain_unknown_class(client, xray):
     assert_error(client.post("/predict/explain", data={**upload(xray), "class": "CANCER"}), 400, "unknown_class")
 
 
-def test_openapi_describes_every_endpoint(client, app):
+def test_openapi_describes_every_endpoint(client, app, tiny_artifacts):
     doc = client.get("/openapi.json").get_json()
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {"/health", "/model/info", "/model/card", "/predict", "/predict/batch",
@@ -116,11 +116,17 @@ def test_openapi_describes_every_endpoint(client, app):
     rules = {r.rule: r for r in app.url_map.iter_rules() if r.endpoint.split(".")[0] in blueprints}
     assert set(rules) == set(doc["paths"])
     assert "Error" in doc["components"]["schemas"]
-    # What needs a key in the document is exactly what the code guards.
+    # This app runs in open mode: nothing needs a key, so the document asks for none and promises no 401.
+    for path, rule in rules.items():
+        for operation in doc["paths"][path].values():
+            assert "security" not in operation and "401" not in operation["responses"], path
+    # With keys configured, what needs a key in the document is exactly what the code guards.
+    keyed = create_app({"CHESTXRAY_ARTIFACTS": str(tiny_artifacts), "CHESTXRAY_API_KEYS": API_KEYS})
+    keyed_doc = keyed.test_client().get("/openapi.json").get_json()
     for path, rule in rules.items():
         guarded = hasattr(app.view_functions[rule.endpoint], "required_role")
-        for operation in doc["paths"][path].values():
-            assert ("security" in operation) == guarded, path
+        for operation in keyed_doc["paths"][path].values():
+            assert ("security" in operation) == guarded == ("401" in operation["responses"]), path
 
 
 def test_page_is_served(client):

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +212,8 @@ def test_the_population_check_alone_never_refuses(ood_artifacts, kind):
 
     Through the Predictor with no "not a chest X-ray" detector: refusing non-X-rays is that detector's job.
     """
-    predictor = Predictor.load(ModelFiles.from_artifacts(ood_artifacts), backend="keras")  # no xray_check_dir
+    no_detector = replace(ModelFiles.from_artifacts(ood_artifacts), xray_check_dir=None)
+    predictor = Predictor.load(no_detector, backend="keras")
     assert not predictor.xray_check.on and "dvc repro xray_check" in predictor.xray_check.off_reason
     [result] = predictor.predict_images([NON_XRAYS[kind]()])
     assert result.error is None and result.prediction is not None

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import pytest
 
 from dvc_project import CLASSES, TEST_PER_CLASS, make_project, run_ok
+from helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +97,26 @@ def test_repro_calibrates_on_validation_and_runs_robustness_and_model_card(proje
     card = (repo / "artifacts/evaluation/model_card.md").read_text()
     assert "xception" in card and f"T = {thresholds['temperature']:.3f}" in card
     assert f"**{robustness['worst_accuracy_drop']['drop']:.3f}**" in card
+
+
+def test_results_page_is_rendered_from_the_pipelines_and_benchmarks_files(project, fullsize_dir, tmp_path):
+    """bench/results_page.py: the model card's tables and the served-uploads benchmark, as their files say."""
+    repo, env, _, _ = project
+    served = tmp_path / "bench" / "served_uploads.json"
+    run_ok([sys.executable, str(ROOT / "bench/served_uploads.py"), "--artifacts", str(repo / "artifacts"),
+            "--folder", str(fullsize_dir), "--out", str(served)], repo, env)
+    page_path = tmp_path / "page.md"
+    run_ok([sys.executable, str(ROOT / "bench/results_page.py"), "--artifacts", str(repo / "artifacts"),
+            "--bench-results", str(served.parent), "--out", str(page_path)], repo, env)
+    page = page_path.read_text()
+    card = (repo / "artifacts/evaluation/model_card.md").read_text()
+    rows = [line for line in card.splitlines() if line.startswith("| ")]
+    assert len(rows) > 20 and [row for row in rows if row not in page] == []
+    counts = json.loads(served.read_text())["folders"]["kermany-val-fullsize"]
+    assert counts["n"] == 16
+    assert (f"| kermany-val-fullsize | 16 | {counts['refused_not_xray']} | {counts['warned_population']} | "
+            f"{counts['low_confidence']} | {counts['correct']} |") in page
+    assert "Not measured here: run `python bench/pipeline.py`" in page  # no pipeline.json was given
 
 
 def test_mlflow_run_and_registered_champion(project):

@@ -105,6 +105,20 @@ def test_same_picture_in_any_format_gives_close_model_input(originals, variant):
         assert diff.mean() < CLOSE_MEAN and diff.max() <= CLOSE_MAX, (variant, name, diff.mean(), diff.max())
 
 
+def test_dicom_is_read_through_its_rescale_and_window_as_a_viewer_shows_it(originals):
+    """A DICOM written with a rescale (stored value - 1000) and a window in those units showing grey
+    levels 64..191 of the picture is that windowed picture (pydicom's modality and VOI LUTs), not the
+    whole stored range stretched to 8 bits."""
+    for name, gray, _ in originals[:4]:
+        low, high = (int(v) - 1000 for v in _pedestal12(np.array([64, 191])))  # the window's ends, rescaled
+        data = dicom_bytes(_pedestal12(gray), "MONOCHROME2", 12, RescaleSlope=1, RescaleIntercept=-1000,
+                           WindowCenter=(low + high) / 2, WindowWidth=high - low)
+        windowed = (np.clip((gray.astype(np.float32) - 64) / 127, 0, 1) * 255).round().astype(np.uint8)
+        diff = np.abs(load_image(data, 224) - prepare_image(windowed, 224))
+        # Without the window the picture is ~tens of levels off; without the rescale, the window slides by 67 levels.
+        assert diff.mean() < CLOSE_MEAN and diff.max() <= CLOSE_MAX, (name, diff.mean(), diff.max())
+
+
 def test_full_size_upload_prepares_like_its_training_style_copy(originals):
     """An original and its copy made like the dataset's (224x224 RGB JPEG at quality 75, aspect ratio not
     kept) give close model inputs: closer than any two different X-rays are."""

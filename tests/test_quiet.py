@@ -56,6 +56,27 @@ def test_stages_take_verbose():
     assert parser.description == "A stage."
 
 
+# Each runs to its first error (nothing to work on in an empty folder), then says whether TensorFlow was loaded.
+# Importing it costs 2-3 s on 2 cores: ingest, model_card and promote have no use for it; evaluate does.
+COMMANDS = {
+    "ingest stage": ("from chestxray.pipeline import ingest; ingest.main(['--params', 'missing.yaml'])", False),
+    "model_card stage": ("from chestxray.pipeline import model_card; model_card.main([])", False),
+    "chestxray promote": ("from chestxray import cli; cli.main(['promote', '1', '--config', 'missing.yaml'])", False),
+    "evaluate stage": ("from chestxray.pipeline import evaluate; evaluate.main([])", True),
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_tensorflow_is_loaded_only_by_commands_that_use_it(command, tmp_path):
+    statement, uses_tensorflow = COMMANDS[command]
+    code = f"import sys\ntry:\n    {statement}\nexcept (SystemExit, Exception):\n    pass\n" \
+           "print('tensorflow loaded:', 'tensorflow' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                            cwd=tmp_path)
+    assert f"tensorflow loaded: {uses_tensorflow}" in result.stdout, result.stdout + result.stderr
+
+
 def test_caching_reports_progress_and_never_retraces(capsys):
     import keras
     import tensorflow as tf

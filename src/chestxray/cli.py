@@ -194,7 +194,7 @@ def _add_promote(sub) -> None:
     p.add_argument("--reason", help="why, recorded on the version (tag promotion_reason)")
     p.add_argument("--name", help="registered model name (default: config's mlflow.registered_model)")
     p.add_argument("--config", default="config/config.yaml")
-    p.set_defaults(handler=promote_command)
+    p.set_defaults(handler=promote_command, tensorflow=False)
 
 
 def _positive_int(text: str) -> int:
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0].replace("-", "_") in PIPELINE_STAGES:
         return _run_stage(argv[0].replace("-", "_"), argv[1:])
     args = build_parser().parse_args(argv)
-    quiet_libraries(getattr(args, "verbose", False))  # before the handler imports TensorFlow
+    quiet_libraries(getattr(args, "verbose", False), getattr(args, "tensorflow", True))  # before the handler imports TF
     handler: Callable[[argparse.Namespace], int] = args.handler
     return handler(args)
 

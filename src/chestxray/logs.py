@@ -1,8 +1,9 @@
 """What the command line prints: what a user needs (progress, results, errors), not the libraries' chatter.
 
-`quiet_libraries(verbose)` runs once at the start of `chestxray predict` and of every pipeline stage
-(`--verbose` turns the chatter back on), and imports TensorFlow itself, quietly: its C++ log level is
-read once, at import, and some of its start-up lines ignore it.
+`quiet_libraries(verbose)` runs once at the start of every `chestxray` command and pipeline stage
+(`--verbose` turns the chatter back on). Where TensorFlow will be used it imports it itself, quietly:
+its C++ log level is read once, at import, and some of its start-up lines ignore it. Commands that never
+use it (ingest, model_card, promote) pass `tensorflow=False` and save the 2-3 s import.
 """
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ NOISY_WARNINGS = (
 NOISY_LOGGERS = ("tensorflow", "absl", "h5py", "jax")
 
 
-def quiet_libraries(verbose: bool = False) -> None:
-    """Quiet TensorFlow (C++ and Python), absl and known library warnings; `verbose=True` shows everything."""
+def quiet_libraries(verbose: bool = False, tensorflow: bool = True) -> None:
+    """Quiet TensorFlow (C++ and Python), absl and known library warnings; `verbose=True` shows everything.
+
+    `tensorflow=True` also imports TensorFlow now, with its start-up lines silenced (for commands that use it).
+    """
     if verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -44,7 +48,8 @@ def quiet_libraries(verbose: bool = False) -> None:
         pass
     for message in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
-    _import_tensorflow_silently()
+    if tensorflow:
+        _import_tensorflow_silently()
 
 
 def _import_tensorflow_silently() -> None:

@@ -54,14 +54,25 @@ def _dicom(data: bytes, pixels: bool):
         raise ImageError(f"unreadable DICOM file ({exc.__class__.__name__})") from None
 
 
+def _displayed_values(stored: np.ndarray, ds) -> np.ndarray:
+    """Stored gray values as the DICOM viewer shows them: pydicom's modality LUT (rescale slope and
+    intercept, or a LUT) then its VOI LUT (the window the film was written with); a no-op without those tags."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    # A window clips the film at both ends, so the 8-bit stretch that follows spans exactly the window.
+    return apply_voi_lut(apply_modality_lut(stored, ds), ds).astype(np.float32)
+
+
 def _decode_dicom(data: bytes) -> np.ndarray:
     width, height = image_dimensions(data)
     if width * height > MAX_PIXELS:
         raise _too_many_pixels(width, height)
     ds = _dicom(data, pixels=True)
     try:
-        pixels = ds.pixel_array.astype(np.float32)
-    except Exception as exc:  # compressed without a decoder, pixel data shorter than declared, ...
+        pixels = ds.pixel_array
+        if pixels.ndim == 2:
+            pixels = _displayed_values(pixels, ds)
+    except Exception as exc:  # compressed without a decoder, pixel data shorter than declared, bad LUT...
         raise ImageError(f"unreadable DICOM file ({exc.__class__.__name__})") from None
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
         pixels = pixels[..., :3].mean(axis=-1)

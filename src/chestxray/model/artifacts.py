@@ -4,6 +4,7 @@
     artifacts/evaluation/  thresholds.json, metrics.json, model_card.md   (evaluate, model_card)
     artifacts/export/      model.onnx   (export)
     artifacts/reference/   reference.npz, ood.json   (reference; file names in chestxray.model.ood)
+    artifacts/xray_check/  detector.npz, xray_check.json   (xray_check; the detector's file: chestxray.model.xray_detector)
 
 A registered model is downloaded into the same layout (chestxray.model.registry).
 """
@@ -17,12 +18,14 @@ TRAINING_DIR = "training"
 EVALUATION_DIR = "evaluation"
 EXPORT_DIR = "export"
 REFERENCE_DIR = "reference"
+XRAY_CHECK_DIR = "xray_check"
 MODEL_FILE = "model.keras"
 INFO_FILE = "model_info.json"
 THRESHOLDS_FILE = "thresholds.json"
 METRICS_FILE = "metrics.json"
 MODEL_CARD_FILE = "model_card.md"
 ONNX_FILE = "model.onnx"
+XRAY_CHECK_FILE = "xray_check.json"  # the detector's leave-one-source-out figures
 
 
 class ModelNotFound(FileNotFoundError):
@@ -36,13 +39,15 @@ class ModelFiles:
     model_dir: Path  # model.keras + model_info.json
     evaluation_dir: Path | None = None  # thresholds, metrics, model card: without them temperature 1, threshold 0.5
     onnx_path: Path | None = None  # the exported model.onnx, when there is one
-    reference_dir: Path | None = None  # the "not a chest X-ray" reference: without it the check is off
+    reference_dir: Path | None = None  # the validated population's reference: without it no population warning
+    xray_check_dir: Path | None = None  # the "not a chest X-ray" detector: without it nothing is refused as such
 
     @classmethod
     def from_artifacts(cls, root: str | Path = "artifacts") -> "ModelFiles":
         """The files `dvc repro` writes under `root`."""
         root = Path(root)
-        return cls(root / TRAINING_DIR, root / EVALUATION_DIR, root / EXPORT_DIR / ONNX_FILE, root / REFERENCE_DIR)
+        return cls(root / TRAINING_DIR, root / EVALUATION_DIR, root / EXPORT_DIR / ONNX_FILE, root / REFERENCE_DIR,
+                   root / XRAY_CHECK_DIR)
 
     @property
     def model_path(self) -> Path:

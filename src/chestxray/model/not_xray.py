@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from chestxray.data.acceptance import ImageRejected
+from chestxray.model.artifacts import XRAY_CHECK_DIR
 from chestxray.model.xray_detector import DETECTOR_FILE, XrayDetector, detector_input
 
 NOT_A_CHEST_XRAY = "not_a_chest_xray"  # the refusal's error code
-XRAY_CHECK_DIR = "xray_check"  # under artifacts/: the stage's detector.npz and xray_check.json
 NO_DETECTOR = (f"no detector was loaded (the xray_check stage writes artifacts/{XRAY_CHECK_DIR}/{DETECTOR_FILE}) "
                "-- run `dvc repro xray_check`")
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
+
+from chestxray.model.blas import one_blas_thread
 
 # Files of the reference stage's output folder (artifacts/reference/).
 REFERENCE_FILE = "reference.npz"
 OOD_FILE = "ood.json"
 WARNING = "outside_validated_population"
 ACCEPT, WARN = "accept", "warn"
-_THREADPOOLS = ThreadpoolController()  # finding the loaded BLAS libraries is the slow part: once
 
 
 class OodReferenceError(ValueError):
@@ -62,9 +62,7 @@ class OodDetector:
         if features.shape[-1] != len(self.mean):
             raise OodReferenceError(f"features have {features.shape[-1]} dimensions, the reference "
                                  f"{len(self.mean)}: re-run the reference stage (`dvc repro reference`)")
-        # One BLAS thread: after a multi-threaded product OpenBLAS's threads spin for a while, and on a
-        # 2-core server they took the cores from the next image's ONNX Runtime call (70 ms instead of 33).
-        with _THREADPOOLS.limit(limits=1, user_api="blas"):
+        with one_blas_thread():
             return np.linalg.norm((features - self.mean) @ self.whitening.T, axis=1).astype(np.float64)
 
     def set_threshold(self, val_distances: np.ndarray, warn_quantile: float) -> None:

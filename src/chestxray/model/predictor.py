@@ -31,7 +31,7 @@ from chestxray.evaluation.drift import INTENSITY_MEAN, INTENSITY_STD, input_sign
 from chestxray.model.artifacts import ModelFiles, read_evaluation, read_model_info
 from chestxray.model.calibration import Calibration
 from chestxray.model.network import Network
-from chestxray.model.not_xray import XRAY_CHECK_DIR, ChestXrayCheck
+from chestxray.model.not_xray import ChestXrayCheck
 from chestxray.model.population import PopulationCheck
 from chestxray.model.tta import tta_probabilities
 
@@ -109,29 +109,27 @@ class Predictor:
 
     @classmethod
     def load(cls, files: ModelFiles, backend: str | None = "auto", tta: bool = False, version: str | None = None,
-             keras_sha256: str | None = None, no_reference_reason: str | None = None,
-             xray_check_dir: str | Path | None = None) -> "Predictor":
+             keras_sha256: str | None = None, no_reference_reason: str | None = None) -> "Predictor":
         """Load a predictor from its files (see ModelFiles).
 
         `backend` (auto | onnx | keras) decides whether the export computes; see network.choose_backend.
         `tta` averages every served prediction over test-time augmentation views (4x the compute).
         `keras_sha256` names a re-saved model (a registered one) by its pipeline model.keras, which
         the export and the reference name; `no_reference_reason` says why the check is off when no
-        reference is found (the population check is then off). `xray_check_dir` holds the "not a
-        chest X-ray" detector (the xray_check stage's output); without it nothing is refused as such.
+        reference is found (the population check is then off).
         """
         info = read_model_info(files.model_dir)
         thresholds, metrics, card = read_evaluation(files.evaluation_dir)
         network = Network.load(files.model_path, files.onnx_path, backend, keras_sha256)
         population = PopulationCheck.load(files.reference_dir, network.keras_sha256, no_reference_reason)
         return cls(network, info, Calibration.from_thresholds(thresholds), population, version, metrics, card, tta,
-                   ChestXrayCheck.load(xray_check_dir))
+                   ChestXrayCheck.load(files.xray_check_dir))
 
     @classmethod
     def from_artifacts(cls, root: str | Path = "artifacts", backend: str | None = "auto",
                        tta: bool = False) -> "Predictor":
         """Load what the pipeline wrote under `root` (training/, evaluation/, export/, reference/, xray_check/)."""
-        return cls.load(ModelFiles.from_artifacts(root), backend, tta, xray_check_dir=Path(root) / XRAY_CHECK_DIR)
+        return cls.load(ModelFiles.from_artifacts(root), backend, tta)
 
     # --- what it is --------------------------------------------------------------------------
 

@@ -12,8 +12,7 @@ import tempfile
 from pathlib import Path
 
 from chestxray.model.artifacts import (EVALUATION_DIR, EXPORT_DIR, INFO_FILE, MODEL_CARD_FILE, MODEL_FILE, ONNX_FILE,
-                                       REFERENCE_DIR, ModelFiles)
-from chestxray.model.not_xray import XRAY_CHECK_DIR
+                                       REFERENCE_DIR, XRAY_CHECK_DIR, ModelFiles)
 from chestxray.model.ood import OOD_FILE, REFERENCE_FILE
 from chestxray.model.predictor import Predictor
 from chestxray.model.xray_detector import DETECTOR_FILE
@@ -51,7 +50,8 @@ def download_registered_model(name: str, alias: str, folder: Path) -> tuple[Mode
             _download_run_file(version.run_id, path, local)
     _download_run_file(version.run_id, f"{XRAY_CHECK_DIR}/{DETECTOR_FILE}", local)  # not tied to model.keras
     onnx_path = local / EXPORT_DIR / ONNX_FILE
-    files = ModelFiles(model_dir, eval_dir, onnx_path if onnx_path.is_file() else None, local / REFERENCE_DIR)
+    files = ModelFiles(model_dir, eval_dir, onnx_path if onnx_path.is_file() else None, local / REFERENCE_DIR,
+                       local / XRAY_CHECK_DIR)
     return files, f"{name}/{version.version}", keras_sha256
 
 
@@ -77,5 +77,4 @@ def load_registered(name: str, alias: str = "champion", backend: str | None = "a
                     "cannot be matched to it -- register it again (`dvc repro -f -s register`) and move the "
                     "alias to the new version (`chestxray promote VERSION`)")
         return Predictor.load(files, backend, tta, version=version, keras_sha256=keras_sha256,
-                              no_reference_reason=None if keras_sha256 else untagged,
-                              xray_check_dir=Path(folder) / XRAY_CHECK_DIR)
+                              no_reference_reason=None if keras_sha256 else untagged)

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from threadpoolctl import ThreadpoolController
+
+from chestxray.model.blas import one_blas_thread
 
 DETECTOR_FILE = "detector.npz"
 INPUT_SIZE = 64
 CHANNELS = (16, 32, 64, 64)  # 3x3 convolutions; a 2x2 max-pool after each but the last
-_THREADPOOLS = ThreadpoolController()  # finding the loaded BLAS libraries is the slow part: once
 
 
 def detector_input(gray: np.ndarray) -> np.ndarray:
@@ -92,9 +92,7 @@ class XrayDetector:
         x = np.asarray(inputs, np.float32)[..., None]
         if x.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"detector inputs must be {INPUT_SIZE}x{INPUT_SIZE} (use detector_input)")
-        # One BLAS thread, as for the population check: products this small gain nothing from more, and
-        # OpenBLAS threads left spinning would take the cores from the classifier's next call.
-        with _THREADPOOLS.limit(limits=1, user_api="blas"):
+        with one_blas_thread():
             for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
                 x = _conv_relu(x, kernel, bias)
                 if i < len(self.kernels) - 1:

@@ -18,17 +18,19 @@ USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectory
 class StageParser(argparse.ArgumentParser):
     """A stage's argument parser: `description` is the module docstring's first line, plus `--verbose`.
 
-    Parsing applies `--verbose` (quiet_libraries) straight away, before the stage imports TensorFlow.
+    Parsing applies `--verbose` (quiet_libraries) straight away, before the stage imports TensorFlow;
+    a stage that never uses TensorFlow says `tensorflow=False` and does not import it.
     """
 
-    def __init__(self, doc: str):
+    def __init__(self, doc: str, tensorflow: bool = True):
         super().__init__(description=doc.splitlines()[0])
+        self.tensorflow = tensorflow
         self.add_argument("--verbose", action="store_true",
                           help="show TensorFlow's and other libraries' log lines and warnings")
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, rest = super().parse_known_args(args, namespace)
-        quiet_libraries(parsed.verbose)
+        quiet_libraries(parsed.verbose, self.tensorflow)
         return parsed, rest
 
 

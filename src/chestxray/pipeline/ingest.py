@@ -465,7 +465,7 @@ def summary(report: dict[str, Any], out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = StageParser(__doc__)
+    parser = StageParser(__doc__, tensorflow=False)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="artifacts/data")
     args = parser.parse_args(argv)

@@ -25,7 +25,7 @@ SHORTCUTS = "research/results/04_cross_source_tb.json"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = StageParser(__doc__)
+    parser = StageParser(__doc__, tensorflow=False)
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--data", default="artifacts/data")
     parser.add_argument("--model", default="artifacts/training")
@@ -56,7 +56,8 @@ def write_model_card(data_dir: Path, model_dir: Path, evaluation_dir: Path, robu
 
     from chestxray.evaluation.model_card import render_model_card
     from chestxray.hashing import file_sha256
-    from chestxray.model.artifacts import INFO_FILE, METRICS_FILE, MODEL_CARD_FILE, MODEL_FILE, THRESHOLDS_FILE
+    from chestxray.model.artifacts import (INFO_FILE, METRICS_FILE, MODEL_CARD_FILE, MODEL_FILE, THRESHOLDS_FILE,
+                                           XRAY_CHECK_FILE)
 
     table_csv = robustness_dir / "table.csv"
     table = pd.read_csv(table_csv).to_dict("records") if table_csv.is_file() else None
@@ -67,7 +68,7 @@ def write_model_card(data_dir: Path, model_dir: Path, evaluation_dir: Path, robu
         robustness=_json(robustness_dir / "metrics.json", required=False), robustness_table=table,
         ood=_json(reference_dir / "ood.json", required=False),
         shortcuts=_json(shortcuts, required=False) if shortcuts is not None else None,
-        xray_check=_json(xray_check_dir / "xray_check.json", required=False) if xray_check_dir is not None else None)
+        xray_check=_json(xray_check_dir / XRAY_CHECK_FILE, required=False) if xray_check_dir is not None else None)
     path = evaluation_dir / MODEL_CARD_FILE
     path.write_text(card)
     return path

@@ -56,8 +56,7 @@ def register(params: dict, config: dict, data_dir: Path, model_dir: Path, evalua
 
     from chestxray import tracking
     from chestxray.model.artifacts import (INFO_FILE, METRICS_FILE, MODEL_CARD_FILE, ONNX_FILE, THRESHOLDS_FILE,
-                                           ModelFiles)
-    from chestxray.model.not_xray import XRAY_CHECK_DIR
+                                           XRAY_CHECK_DIR, ModelFiles)
     from chestxray.model.ood import OOD_FILE, REFERENCE_FILE
     from chestxray.model.predictor import Predictor
     from chestxray.model.xray_detector import DETECTOR_FILE

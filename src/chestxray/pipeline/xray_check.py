@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from chestxray.model.artifacts import XRAY_CHECK_FILE
 from chestxray.pipeline.common import StageParser, run_stage
 from chestxray.settings import load_params
 
-METRICS_FILE = "xray_check.json"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
 
 
@@ -186,7 +186,7 @@ def xray_check(params: dict, data_dir: Path, out: Path) -> dict:
         detector.scores(detector_input(gray)[None])
     summary["ms_per_image"] = round(1000 * (time.perf_counter() - timer) / len(probe), 3)
     summary["time_s"] = round(time.perf_counter() - started, 1)
-    (out / METRICS_FILE).write_text(json.dumps(summary, indent=2))
+    (out / XRAY_CHECK_FILE).write_text(json.dumps(summary, indent=2))
     print(f"xray_check: threshold {threshold:.2f}; held-out sources accepted "
           + ", ".join(f"{k} {v['accepted_share']:.1%}" for k, v in summary["leave_one_source_out"].items())
           + f"; non-X-rays refused {summary['non_xrays']['refused_share']:.1%}; {summary['time_s']:.0f}s")

@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from chestxray.data.acceptance import MAX_SIDE, MIN_SIDE, ImageRejected
 from chestxray.model.not_xray import NOT_A_CHEST_XRAY
-from chestxray.serving.auth import HEADER, requires_role
+from chestxray.serving.auth import HEADER, keys_required, requires_role
 from chestxray.serving.errors import HTTP_CODES, ApiError
 from chestxray.serving.model_state import current_state
 from chestxray.serving.uploads import FileTooLarge, many_files, one_file, read_upload, too_large_message
@@ -257,13 +257,19 @@ _UPLOAD_ERRORS = {
 
 
 def _protected(operation: dict, role: str = "user") -> dict:
-    """An operation that needs an API key (when keys are configured): security and 401/403/429 answers."""
+    """An operation behind requires_role, as this app runs it: with API keys configured it needs one
+    (security, 401, and 403 for a user key on an admin endpoint); in open mode user endpoints need none
+    and admin endpoints always answer 403. Both modes are rate limited (429)."""
     responses = {**operation["responses"],
-                 "401": _error_response("missing or invalid API key (X-API-Key)"),
                  "429": {**_error_response("rate limit exceeded"), "headers": {"Retry-After": {
                      "description": "seconds to wait", "schema": {"type": "integer"}}}}}
+    if not keys_required():
+        if role == "admin":
+            responses["403"] = _error_response("open mode: no admin key is configured, so admin endpoints are off")
+        return {**operation, "responses": responses}
+    responses["401"] = _error_response("missing or invalid API key (X-API-Key)")
     if role == "admin":
-        responses["403"] = _error_response("the key is not an admin key (or no keys are configured)")
+        responses["403"] = _error_response("the key is not an admin key")
     return {**operation, "security": [{"ApiKey": []}], "responses": responses}
 
 
