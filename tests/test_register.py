@@ -65,6 +65,9 @@ def test_champion_moves_only_on_a_clear_log_loss_gain(artifacts, store, capsys):
                  for a in MlflowClient().list_artifacts(first["run_id"], folder)}
     assert {"export/model.onnx", "reference/ood.json", "reference/reference.npz",
             "evaluation/model_card.md"} <= run_files
+    # ... kept beside the store's database, not in ./mlruns of whatever folder the stage ran in.
+    store_folder = store["mlflow"]["tracking_uri"].removeprefix("sqlite:///").removesuffix("/mlflow.db")
+    assert mlflow.get_run(first["run_id"]).info.artifact_uri.startswith(f"file://{store_folder}/mlruns/")
 
     worse = _register(artifacts, store, 0.400)
     assert not worse["promoted"] and worse["champion_before"] == first["version"]

@@ -39,11 +39,28 @@ def tracking_uri(config: dict | None = None) -> str:
 
 
 def setup(config: dict) -> str:
-    """Point MLflow at the store and select the experiment."""
+    """Point MLflow at the store and select the experiment (created with its artifact folder if new)."""
     uri = tracking_uri(config)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(config["mlflow"]["experiment"])
+    name = config["mlflow"]["experiment"]
+    if mlflow.get_experiment_by_name(name) is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=_artifact_root(uri))
+        except mlflow.exceptions.MlflowException:  # another process created it in between
+            pass
+    mlflow.set_experiment(name)
     return uri
+
+
+def _artifact_root(uri: str) -> str | None:
+    """For a SQLite store, mlruns/ beside its database file; else the server's or MLflow's default.
+
+    MLflow's own default for a database store is ./mlruns of whatever folder the process runs in,
+    so a store used from two folders (a test's temporary store, a script run elsewhere) scattered its files.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
