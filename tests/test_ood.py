@@ -144,16 +144,17 @@ def test_training_hospital_xrays_get_a_plain_answer(client, kermany224):
 def test_adult_films_against_the_pediatric_model_are_answered_with_the_population_warning(client, tb256):
     """Adult chest films (another hospital) sent to a model validated on children only: chest X-rays, so the
     detector lets them through, but outside the validated population, so the answer says so in words."""
-    # Not among the test detector's training films; adult films the small test reference (32 child films) places
-    # well beyond its warn distance (measured: ~70 against ~52).
-    normals = sorted((tb256 / "NORMAL").glob("Normal-*.png"))
-    films = [normals[-8], normals[-1]]
-    for path in films:
-        response = client.post("/predict", data=upload(path.read_bytes()))
-        assert response.status_code == 200, (path.name, response.get_json())
+    # Not among the test detector's training films. Chosen, among the last 24 adult normals, as films both checks
+    # place clearly (one run: distance 60.6, 62.5, 70.4 against a warn distance of 52.0; P(chest X-ray) 0.99,
+    # 0.94, 0.92): the 12-epoch test detector is not bit-reproducible on CPU, and films near its threshold
+    # (Normal-9940 at 0.51) were refused in some runs. How often real adult films are refused is the
+    # xray_check stage's leave-one-source-out measurement, not this test's question.
+    for name in ("Normal-9908.png", "Normal-9924.png", "Normal-9997.png"):
+        response = client.post("/predict", data=upload((tb256 / "NORMAL" / name).read_bytes()))
+        assert response.status_code == 200, (name, response.get_json())
         body = response.get_json()
         assert_prediction(body)
-        assert OUTSIDE in body["warnings"], (path.name, body["ood_distance"])
+        assert OUTSIDE in body["warnings"], (name, body["ood_distance"])
         assert "validated" in body["warning_messages"][OUTSIDE] and body["xray_score"] is not None
 
 
