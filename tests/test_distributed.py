@@ -150,12 +150,14 @@ def assert_same_training(task: Path, got: Path, want: Path) -> None:
     weights, probabilities = compare_models(task, got, want)
     print(f"max |weight difference| {weights:.2e}, max |probability difference| {probabilities:.2e}")
     assert weights <= TOLERANCE and probabilities <= TOLERANCE
-    # The comparison means something: the model moved away from the untrained base model.
+    # The comparison means something: training moved the weights 10 x TOLERANCE or more (one Adam step
+    # at the scaled head lr moves a weight by about 2e-3; the best epoch kept may be an early one).
     import keras
 
     base = keras.saving.load_model(task / "base_model" / "base_model.keras", compile=False)
     trained = keras.saving.load_model(got / "model.keras", compile=False)
-    assert max(float(np.abs(x - y).max()) for x, y in zip(base.get_weights(), trained.get_weights())) > 1e-2
+    moved = max(float(np.abs(x - y).max()) for x, y in zip(base.get_weights(), trained.get_weights()))
+    assert moved >= 10 * TOLERANCE, f"training moved the weights by {moved:.1e} only"
 
 
 def logged_params(store: Path) -> list[dict]:
