@@ -22,14 +22,6 @@ AUTOTUNE = tf.data.AUTOTUNE
 PROGRESS_EVERY_S = 30.0  # seconds between progress lines while caching activations
 
 
-def get_strategy() -> tf.distribute.Strategy:
-    """Several GPUs: mirror across them; any GPU: mixed precision; CPU: the default strategy."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-
-
 def augmentation(params: dict, seed: int) -> keras.Sequential:
     """Clinically plausible changes only: small rotation and shift, brightness, contrast, left-right flip,
     blur and noise.

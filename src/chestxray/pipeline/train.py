@@ -8,9 +8,13 @@ per-epoch metrics. See chestxray.model.training for why training runs on cached 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from chestxray.atomic import atomic_path, leftover_name, remove_dead_leftovers, write_json
 from chestxray.pipeline.common import StageParser, run_stage
@@ -84,8 +88,44 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@contextmanager
+def _worker_scratch(config: dict) -> Iterator[tuple[Path, dict]]:
+    """A non-chief worker's output folder and MLflow store: a temporary folder, deleted afterwards.
+
+    Every worker runs the same code (the collective ops need them all), but only the chief's outputs
+    are kept: the others write theirs here and discard them, as Keras' multi-worker guide advises.
+    """
+    with tempfile.TemporaryDirectory(prefix="chestxray-worker-") as temp:
+        uri = f"sqlite:///{Path(temp) / 'mlflow.db'}"
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # it takes precedence over config (tracking.tracking_uri)
+        try:
+            yield Path(temp) / "training", {**config, "mlflow": {**config["mlflow"], "tracking_uri": uri}}
+        finally:
+            if before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path) -> None:
-    """Cache the frozen part's activations, train the head, fine-tune the top, save model + info + history."""
+    """Cache the frozen part's activations, train the head, fine-tune the top, save model + info + history.
+
+    Where it runs (strategy, precision, global batch, scaled learning rates) is decided first, by
+    chestxray.model.distribute.choose; a non-chief worker of a multi-machine run writes nothing that lasts.
+    """
+    from chestxray.model.distribute import choose
+
+    placement = choose(params["train"])  # first: before any model is loaded and before any other TF op
+    if placement.is_chief:
+        _train(params, config, data_dir, base_dir, out, placement)
+        return
+    with _worker_scratch(config) as (scratch, scratch_config):
+        _train(params, scratch_config, data_dir, base_dir, scratch, placement)
+
+
+def _train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path, placement) -> None:
+    """The train stage's body under a chosen `placement` (chestxray.model.distribute.Placement)."""
     import keras
     import mlflow
     import numpy as np
@@ -97,11 +137,14 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
     from chestxray.data.dataset import image_dataset
     from chestxray.model.backbones import get_backbone, resolve
     from chestxray.model.artifacts import INFO_FILE, MODEL_FILE
+    from chestxray.model.distribute import FLOAT32, with_precision
 
     tp, bp = params["train"], params["base_model"]
     keras.utils.set_random_seed(tp["seed"])
     report = json.loads((data_dir / "report.json").read_text())
-    classes, size, batch = report["classes"], bp["image_size"], tp["batch_size"]
+    # Each step takes `batch` images, split over the replicas; one replica: train.batch_size as before.
+    classes, size, batch = report["classes"], bp["image_size"], placement.global_batch
+    head_lr, fine_tune_lr = placement.scaled_lr(tp["head_lr"]), placement.scaled_lr(tp["fine_tune_lr"])
     manifest = pd.read_csv(data_dir / "manifest.csv")
     splits = {s: manifest[manifest.split == s] for s in ("train", "val")}
     paths = {s: [str(data_dir / p) for p in rows.path] for s, rows in splits.items()}
@@ -110,14 +153,19 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
 
     out.mkdir(parents=True, exist_ok=True)
     remove_dead_leftovers(out, CHECKPOINT)
-    strategy = T.get_strategy()
+    strategy = placement.strategy
     with tracking.start_run(config, out / "mlflow_run.json", run_name=f"{bp['backbone']}-{size}px"):
         mlflow.log_params(tracking.flatten({k: params[k] for k in ("data", "base_model", "train")}))
         mlflow.log_params({"data.sha256": report["dataset_sha256"], "data.n_train": len(labels["train"]),
                            "data.n_val": len(labels["val"]), "train.fine_tune_from_layer": fine_tune_from})
+        mlflow.log_params(placement.mlflow_params({"head_lr": tp["head_lr"], "fine_tune_lr": tp["fine_tune_lr"]}))
         mlflow.log_artifact(str(data_dir / "report.json"), "data")
+        print(f"training with {placement.strategy_class} strategy on {placement.replicas} {placement.accelerator} "
+              f"replica(s), {placement.precision}, global batch {batch}", flush=True)
         with strategy.scope():
-            model = keras.saving.load_model(base_dir / "base_model.keras", compile=False)
+            # The .keras file fixes each layer's dtype policy: rebuilt under the chosen one (no-op in float32).
+            model = with_precision(keras.saving.load_model(base_dir / "base_model.keras", compile=False),
+                                   placement.precision)
             split = T.split_model(model, fine_tune_from)
 
         started = time.perf_counter()
@@ -151,7 +199,7 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
         with strategy.scope():
             _fit(split.head, T.arrays_dataset(pooled_train, train_y, n, batch, tp["seed"]),
                  T.arrays_dataset(pooled_val, labels["val"], n, batch), tp["head_epochs"],
-                 keras.optimizers.Adam(tp["head_lr"]), loss, "head", history, tp["patience"], out, weights)
+                 keras.optimizers.Adam(head_lr), loss, "head", history, tp["patience"], out, weights)
 
         # Phase 2: unfreeze the layers above the cut and fine-tune them with the head.
         T.set_fine_tuning(split, True)
@@ -159,13 +207,15 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
         with strategy.scope():
             _fit(split.top, T.arrays_dataset(train_x, train_y, n, batch, tp["seed"]),
                  T.arrays_dataset(val_x, labels["val"], n, batch), tp["fine_tune_epochs"],
-                 keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(tp["fine_tune_lr"], steps)),
+                 keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(fine_tune_lr, steps)),
                  loss, "fine_tune", history, tp["patience"], out, weights)
         train_s = time.perf_counter() - started
         print(f"peak memory after fine-tuning {_peak_rss_mb():.0f} MB", flush=True)
 
         with atomic_path(out / MODEL_FILE) as temp:
-            model.save(temp)
+            # Served in float32 on CPUs (the app, the ONNX export): mixed precision's weights are float32 already.
+            with strategy.scope():
+                with_precision(model, FLOAT32).save(temp)
         write_json(out / "history.json", history)
         with atomic_path(out / "history.csv") as temp:
             pd.DataFrame(history).to_csv(temp, index=False)
