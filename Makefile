@@ -55,8 +55,8 @@ test: setup  ## set up, then run the whole test suite (browser tests need Debian
 	@command -v chromium >/dev/null || echo "note: chromium not installed; browser tests will be skipped (apt-get install chromium)"
 	. $(BIN)/activate && python -m pytest -q
 
-test-fast: setup  ## everything but the slow end-to-end tests
-	. $(BIN)/activate && python -m pytest -q -m "not slow"
+test-fast: setup  ## everything but the slow end-to-end tests, on every core (pytest-xdist)
+	. $(BIN)/activate && python -m pytest -q -m "not slow" -n auto
 
 mutation: setup  ## mutation testing of the pure-Python core (mutmut, ~5 min on 2 cores; not in CI): kill rate per module
 	. $(BIN)/activate && nice -n 10 python bench/mutation.py
