@@ -274,7 +274,11 @@ def _protected(operation: dict, role: str = "user") -> dict:
 
 
 def openapi_document() -> dict:
-    """The hand-written OpenAPI 3 document for every endpoint of the API and admin blueprints."""
+    """The OpenAPI 3 document for every endpoint of the API and admin blueprints.
+
+    Written here rather than as a static YAML file because it follows the app's configuration (whether
+    keys are required, the batch limit); Schemathesis checks it against the running app in both modes.
+    """
     number = {"type": "number"}
     backend = {"type": "string", "enum": ["onnx", "keras"], "description": "what computes the probabilities"}
     prediction = {
