@@ -8,6 +8,8 @@ import keras
 from chestxray.model.backbones import get_backbone
 from chestxray.model.layers import PixelScaling
 
+PROBABILITIES = "probabilities"  # the output layer: float32 under every dtype policy (see build_model)
+
 
 def _backbone_weights(weights: str | None) -> tuple[str | None, Path | None]:
     """Split one `weights` value into what keras.applications takes and a local file to load after."""
@@ -80,7 +82,7 @@ def build_model(
         x = keras.layers.Dense(dense_units, activation="relu", name="hidden")(x)
         x = keras.layers.Dropout(dropout, name="hidden_dropout")(x)
     # float32 output even under mixed precision, so probabilities stay exact.
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name=PROBABILITIES)(x)
     return keras.Model(inputs, outputs, name=f"chestxray_{spec.name}")
 
 

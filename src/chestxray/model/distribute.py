@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
+from chestxray.model.build import PROBABILITIES
+
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("auto", "on", "off")
 MIXED, FLOAT32 = "mixed_float16", "float32"
 # Layers build_model keeps in float32 whatever the policy: softmax probabilities in float16 lose precision.
-FLOAT32_LAYERS = frozenset({"probabilities"})
+FLOAT32_LAYERS = frozenset({PROBABILITIES})
 
 
 class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):

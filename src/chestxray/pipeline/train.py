@@ -89,18 +89,19 @@ def _peak_rss_mb() -> float:
 
 
 @contextmanager
-def _worker_scratch(config: dict) -> Iterator[tuple[Path, dict]]:
+def _worker_scratch() -> Iterator[Path]:
     """A non-chief worker's output folder and MLflow store: a temporary folder, deleted afterwards.
 
     Every worker runs the same code (the collective ops need them all), but only the chief's outputs
     are kept: the others write theirs here and discard them, as Keras' multi-worker guide advises.
+    MLFLOW_TRACKING_URI points MLflow at the scratch store: it takes precedence over the config
+    (chestxray.tracking.tracking_uri).
     """
     with tempfile.TemporaryDirectory(prefix="chestxray-worker-") as temp:
-        uri = f"sqlite:///{Path(temp) / 'mlflow.db'}"
         before = os.environ.get("MLFLOW_TRACKING_URI")
-        os.environ["MLFLOW_TRACKING_URI"] = uri  # it takes precedence over config (tracking.tracking_uri)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(temp) / 'mlflow.db'}"
         try:
-            yield Path(temp) / "training", {**config, "mlflow": {**config["mlflow"], "tracking_uri": uri}}
+            yield Path(temp) / "training"
         finally:
             if before is None:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -120,8 +121,8 @@ def train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path)
     if placement.is_chief:
         _train(params, config, data_dir, base_dir, out, placement)
         return
-    with _worker_scratch(config) as (scratch, scratch_config):
-        _train(params, scratch_config, data_dir, base_dir, scratch, placement)
+    with _worker_scratch() as scratch:
+        _train(params, config, data_dir, base_dir, scratch, placement)
 
 
 def _train(params: dict, config: dict, data_dir: Path, base_dir: Path, out: Path, placement) -> None:
