@@ -1,7 +1,7 @@
 """Where the train stage runs: the tf.distribute strategy, the precision policy, the batch and learning rates.
 
 One decision, made once at the start of the stage by `choose` from params.yaml (train.accelerator,
-train.mixed_precision), the devices TensorFlow finds and TF_CONFIG:
+train.mixed_precision, train.mode), the devices TensorFlow finds and TF_CONFIG:
 
 - TF_CONFIG naming more than one task: MultiWorkerMirroredStrategy (several machines, docs/pipeline.md);
 - else several devices of the chosen kind (GPUs, or logical CPU devices in tests): MirroredStrategy;
@@ -9,6 +9,9 @@ train.mixed_precision), the devices TensorFlow finds and TF_CONFIG:
 
 `train.batch_size` is per replica: the global batch is batch_size x replicas, and the learning rates are
 scaled linearly with it (lr x replicas, Goyal et al. 2017), so a run on one replica is unchanged.
+
+`train.mode` is how the backbone is trained (`training_mode`): on cached activations of its frozen bottom
+(the CPU's way, chestxray.model.training) or end to end with augmentation in the input pipeline (GPUs').
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from chestxray.model.build import PROBABILITIES
 
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("auto", "on", "off")
+CACHED, END_TO_END = "cached", "end_to_end"
+MODES = ("auto", CACHED, END_TO_END)
 MIXED, FLOAT32 = "mixed_float16", "float32"
 # Layers build_model keeps in float32 whatever the policy: softmax probabilities in float16 lose precision.
 FLOAT32_LAYERS = frozenset({PROBABILITIES})
@@ -57,6 +62,7 @@ class Placement:
     workers: int  # machines (processes) taking part
     is_chief: bool  # the one worker that logs to MLflow and writes the outputs
     per_replica_batch: int
+    mode: str  # CACHED or END_TO_END: see training_mode
 
     @property
     def global_batch(self) -> int:
@@ -72,6 +78,7 @@ class Placement:
                 "distribute.replicas": self.replicas, "distribute.workers": self.workers,
                 "distribute.per_replica_batch": self.per_replica_batch, "distribute.global_batch": self.global_batch,
                 "distribute.precision_policy": self.precision, "distribute.lr_rule": "linear: lr x replicas",
+                "distribute.mode": self.mode,
                 **{f"distribute.scaled_{k}": self.scaled_lr(v) for k, v in learning_rates.items()}}
 
 
@@ -84,16 +91,32 @@ def choose(train_params: dict) -> Placement:
     """
     wanted = str(train_params.get("accelerator", "auto")).lower()
     precision_param = str(train_params.get("mixed_precision", "auto")).lower()
+    mode_param = str(train_params.get("mode", "auto")).lower()
     if wanted not in ACCELERATORS:
         raise ValueError(f"train.accelerator is {wanted!r}: use one of {', '.join(ACCELERATORS)}")
     if precision_param not in PRECISIONS:
         raise ValueError(f"train.mixed_precision is {precision_param!r}: use one of {', '.join(PRECISIONS)}")
     accelerator = _accelerator(wanted)
+    mode = training_mode(mode_param, accelerator)
     precision = MIXED if precision_param == "on" or (precision_param == "auto" and accelerator == "gpu") else FLOAT32
     keras.mixed_precision.set_global_policy(precision)
     strategy, name, workers, is_chief = _strategy(accelerator)
     return Placement(strategy, name, accelerator, precision, strategy.num_replicas_in_sync, workers, is_chief,
-                     int(train_params["batch_size"]))
+                     int(train_params["batch_size"]), mode)
+
+
+def training_mode(wanted: str, accelerator: str) -> str:
+    """How the train stage trains the backbone: CACHED or END_TO_END, the one place `train.mode` is decided.
+
+    auto: end to end on GPUs, where a forward pass through the whole backbone every step is cheap and fresh
+    augmentation every epoch is worth it; cached on the CPU, where the frozen bottom is run once and the
+    remaining epochs take seconds (chestxray.model.training).
+    """
+    if wanted not in MODES:
+        raise ValueError(f"train.mode is {wanted!r}: use one of {', '.join(MODES)}")
+    if wanted != "auto":
+        return wanted
+    return END_TO_END if accelerator == "gpu" else CACHED
 
 
 def _accelerator(wanted: str) -> str:

@@ -4,6 +4,10 @@ The backbone is cut at `fine_tune_from` (see backbones.py). Everything below the
 its activations for each image (and for a few augmented views of each training image) are computed
 once. Phase 1 trains the head on pooled features; phase 2 unfreezes the layers above the cut and
 fine-tunes them with the head, all on the cached activations. The saved model is the whole network.
+
+That is `train.mode: cached`, the default on a CPU. On GPUs (`end_to_end`, chestxray.pipeline.train) the
+whole network trains on images, augmented afresh every epoch in the input pipeline, with the same cut:
+`set_end_to_end_fine_tuning` freezes what the cached path never trains.
 """
 from __future__ import annotations
 
@@ -126,6 +130,16 @@ def set_fine_tuning(split: SplitModel, enabled: bool) -> None:
     """Train the layers above the cut (or freeze them). BatchNorm stays frozen: small batches would wreck its statistics."""
     for layer in split.top_layers:
         layer.trainable = enabled and not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def set_end_to_end_fine_tuning(model: keras.Model, split: SplitModel, enabled: bool) -> None:
+    """The whole classifier trained as the cached path trains `split`: the backbone below the cut always
+    frozen, the layers above it as set_fine_tuning sets them, the head trainable."""
+    above = {id(layer) for layer in split.top_layers}
+    for layer in backbone_of(model).layers:
+        if id(layer) not in above:
+            layer.trainable = False
+    set_fine_tuning(split, enabled)
 
 
 def inference_function(model: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
