@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import (API_KEYS, fit_xray_detector, FULLSIZE, KERMANY224, ROOT, TB256, XCEPTION_WEIGHTS, copy_model, free_port, need,
+from helpers import (API_KEYS, built_once, fit_xray_detector, FULLSIZE, KERMANY224, ROOT, TB256, XCEPTION_WEIGHTS, copy_model, free_port, need,
                      real_test_data, save_artifacts, write_manifest)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,6 +41,10 @@ def tiny_artifacts(tmp_path_factory, kermany224) -> Path:
     Laid out like the pipeline's artifacts/: training/{model.keras, model_info.json},
     evaluation/{thresholds.json, metrics.json, model_card.md}. Good enough to exercise serving, not to diagnose.
     """
+    return built_once(tmp_path_factory, "artifacts", lambda root: _train_tiny(root, kermany224))
+
+
+def _train_tiny(root: Path, kermany224: Path) -> None:
     import keras
     import numpy as np
 
@@ -56,12 +60,11 @@ def tiny_artifacts(tmp_path_factory, kermany224) -> Path:
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
     model.fit(x, y, epochs=2, batch_size=16, verbose=0)
 
-    root = save_artifacts(model, tmp_path_factory.mktemp("artifacts"), classes, size, "mobilenetv2")
+    save_artifacts(model, root, classes, size, "mobilenetv2")
     (root / "evaluation" / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "roc_auc": 0.5}))
     (root / "evaluation" / "model_card.md").write_text(
         "# Model card: tiny test model\n\n| split | images |\n|---|---|\n| train | 64 |\n\n"
         "Not a diagnosis. <script>alert(1)</script>\n")
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +76,11 @@ def ood_artifacts(tmp_path_factory, kermany224, tb256, xception_weights) -> Path
     reference stage's own function on 16 train and 8 validation X-rays per class. The tiny_artifacts
     MobileNetV2 trained from scratch is no use here: its pooled features hardly vary between images.
     """
+    return built_once(tmp_path_factory, "ood_artifacts",
+                      lambda root: _build_ood(root, kermany224, tb256, xception_weights))
+
+
+def _build_ood(root: Path, kermany224: Path, tb256: Path, xception_weights: Path) -> None:
     import keras
 
     from chestxray.model.backbones import resolve
@@ -84,7 +92,7 @@ def ood_artifacts(tmp_path_factory, kermany224, tb256, xception_weights) -> Path
     truncate_before, _ = resolve("xception", "auto", "auto")
     model = build_model("xception", size, len(classes), weights=str(xception_weights), dropout=0.1,
                         truncate_before=truncate_before)
-    root = save_artifacts(model, tmp_path_factory.mktemp("ood_artifacts"), classes, size, "xception")
+    save_artifacts(model, root, classes, size, "xception")
     rows = []
     for label in classes:
         files = sorted((kermany224 / "train" / label).glob("*.jpeg"))
@@ -95,7 +103,6 @@ def ood_artifacts(tmp_path_factory, kermany224, tb256, xception_weights) -> Path
               "max_test_images": 0, "seed": 0}
     reference.reference(params, None, data, root / "training", root / "evaluation", root / "reference")
     fit_xray_detector(kermany224, tb256, root / "xray_check")
-    return root
 
 
 # --- the app under gunicorn (the production server and config) -------------------------------------
@@ -131,10 +138,12 @@ def tiny_exported(tiny_artifacts, kermany224, tmp_path_factory) -> Path:
     from chestxray.model.onnx_export import TOLERANCE
     from chestxray.pipeline import export as export_stage
 
-    root = copy_model(tiny_artifacts, tmp_path_factory.mktemp("exported"))
-    paths = export_stage.split_paths(real_test_data(root, kermany224))
-    export_stage.convert_and_check(root / "training", paths, root / "export", TOLERANCE)
-    return root
+    def build(root: Path) -> None:
+        copy_model(tiny_artifacts, root)
+        paths = export_stage.split_paths(real_test_data(root, kermany224))
+        export_stage.convert_and_check(root / "training", paths, root / "export", TOLERANCE)
+
+    return built_once(tmp_path_factory, "exported", build)
 
 
 @pytest.fixture(scope="session")
@@ -155,17 +164,19 @@ def varying_exported(kermany224, tmp_path_factory) -> Path:
         keras.layers.Conv2D(4, 5, strides=4, activation="relu"), keras.layers.Flatten(),
         keras.layers.Dense(2, activation="softmax", kernel_initializer=keras.initializers.RandomNormal(0, 0.05, seed=1)),
     ])
-    root = tmp_path_factory.mktemp("varying")
-    (root / "training").mkdir()
-    (root / "evaluation").mkdir()
-    model.save(root / "training" / "model.keras")
-    (root / "training" / "model_info.json").write_text(json.dumps(
-        {"classes": ["NORMAL", "PNEUMONIA"], "normal_class": "NORMAL", "image_size": 96, "backbone": "random-conv"}))
-    (root / "evaluation" / "thresholds.json").write_text(json.dumps(
-        {"decision_threshold": 0.3, "low_confidence": 0.6, "temperature": 1.5}))
-    paths = export_stage.split_paths(real_test_data(root, kermany224))
-    export_stage.convert_and_check(root / "training", paths, root / "export", TOLERANCE)
-    return root
+
+    def build(root: Path) -> None:
+        (root / "training").mkdir()
+        (root / "evaluation").mkdir()
+        model.save(root / "training" / "model.keras")
+        (root / "training" / "model_info.json").write_text(json.dumps(
+            {"classes": ["NORMAL", "PNEUMONIA"], "normal_class": "NORMAL", "image_size": 96, "backbone": "random-conv"}))
+        (root / "evaluation" / "thresholds.json").write_text(json.dumps(
+            {"decision_threshold": 0.3, "low_confidence": 0.6, "temperature": 1.5}))
+        paths = export_stage.split_paths(real_test_data(root, kermany224))
+        export_stage.convert_and_check(root / "training", paths, root / "export", TOLERANCE)
+
+    return built_once(tmp_path_factory, "varying", build)
 
 
 # --- the app in-process (each module that uses these defines its own `app` fixture) -----------------

@@ -12,7 +12,7 @@ import os
 import shutil
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,6 +46,28 @@ def need(path: Path) -> Path:
 
 
 # --- artifacts and data folders -------------------------------------------------------------------
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name`, filled by `build` once per test run and shared by pytest-xdist's workers.
+
+    Each xdist worker has its own session: without this, every worker would train the same model
+    again. The first worker to ask builds it under a file lock; the others wait, then reuse it.
+    Tests treat such a folder as read-only (copy_model first to change anything).
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # one folder above the workers' own: the run's, shared by all of them
+    root, done = base / name, base / f"{name}.complete"
+    with FileLock(str(base / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            build(root)
+            done.touch()
+    return root
+
 
 def save_artifacts(model, root: Path, classes: list[str], size: int, backbone: str) -> Path:
     """training/{model.keras, model_info.json} and evaluation/thresholds.json, laid out as the pipeline does."""

@@ -47,6 +47,7 @@ def _register(root, config, val_log_loss: float) -> dict:
                              root / "evaluation", root / "export", root / "reference", root / "registry")
 
 
+@pytest.mark.slow  # four real registrations, each logging the model to MLflow
 def test_champion_moves_only_on_a_clear_log_loss_gain(artifacts, store, capsys):
     import mlflow
     from mlflow import MlflowClient

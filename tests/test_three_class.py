@@ -7,12 +7,15 @@ trained: these tests check that every stage handles three classes, not how well 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import copy_model
+from helpers import built_once, copy_model
+
+pytestmark = pytest.mark.slow  # trains a model, then runs evaluate, export and robustness on it
 
 CLASSES = ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
 
@@ -33,6 +36,10 @@ def _images(kermany224, tb256, per: int, offset: int) -> list[dict]:
 def three_class(tmp_path_factory, kermany224, tb256):
     """A 96 px MobileNetV2 trained for a few epochs on 48 real films, its data folder (val + test with
     source/collection/group) and the evaluate stage's output in a real MLflow store."""
+    return built_once(tmp_path_factory, "three_class", lambda root: _train_and_evaluate(root, kermany224, tb256))
+
+
+def _train_and_evaluate(root: Path, kermany224: Path, tb256: Path) -> None:
     import keras
     import mlflow
 
@@ -41,7 +48,6 @@ def three_class(tmp_path_factory, kermany224, tb256):
     from chestxray.pipeline import evaluate as stage
 
     keras.utils.set_random_seed(0)
-    root = tmp_path_factory.mktemp("three")
     train = _images(kermany224, tb256, 8, 40)
     x = np.stack([load_image(r["path"], 96) for r in train])
     y = np.array([CLASSES.index(r["label"]) for r in train])
@@ -66,7 +72,6 @@ def three_class(tmp_path_factory, kermany224, tb256):
     with pytest.MonkeyPatch.context() as env:
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
         stage.evaluate(params, config, data, root / "training", root / "evaluation")
-    return root
 
 
 def test_evaluate_reports_every_class_and_the_any_disease_call(three_class):
