@@ -53,10 +53,10 @@ pipeline: setup  ## set up, then rebuild the model from the raw images (dvc repr
 
 test: setup  ## set up, then run the whole test suite (browser tests need Debian's chromium)
 	@command -v chromium >/dev/null || echo "note: chromium not installed; browser tests will be skipped (apt-get install chromium)"
-	. $(BIN)/activate && python -m pytest -q
+	. $(BIN)/activate && python -m pytest -q -n auto --dist worksteal
 
 test-fast: setup  ## everything but the slow end-to-end tests, on every core (pytest-xdist)
-	. $(BIN)/activate && python -m pytest -q -m "not slow" -n auto
+	. $(BIN)/activate && python -m pytest -q -m "not slow" -n auto --dist worksteal
 
 mutation: setup  ## mutation testing of the pure-Python core (mutmut, ~5 min on 2 cores; not in CI): kill rate per module
 	. $(BIN)/activate && nice -n 10 python bench/mutation.py

@@ -211,7 +211,7 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "CHESTXRAY_ARTIFACTS": str(artifacts), "CHESTXRAY_BACKEND": backend,
                "GEMINI_API_KEY": "", "CHESTXRAY_MODEL_URI": "", "CHESTXRAY_RATE_LIMIT_PER_MIN": "0",
-               "CHESTXRAY_BIND": f"127.0.0.1:{port}", **(env or {})}
+               "CHESTXRAY_BIND": f"127.0.0.1:{port}", "CHESTXRAY_WARM_UP": "1", **(env or {})}  # as deployed
         gunicorn = Path(sys.executable).with_name("gunicorn")
         self._log = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(

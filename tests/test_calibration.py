@@ -178,8 +178,8 @@ def calibrated(tiny_exported, tmp_path_factory):
 
 
 def test_classifier_applies_the_temperature_on_both_backends(calibrated, tiny_exported, kermany224):
-    x = np.stack([Predictor.from_artifacts(tiny_exported, backend="keras").prepare(p.read_bytes())
-                  for p in sorted((kermany224 / "test").glob("*/*.jpeg"))[::100]])
+    prepare = Predictor.from_artifacts(tiny_exported, backend="keras").prepare
+    x = np.stack([prepare(p.read_bytes()) for p in sorted((kermany224 / "test").glob("*/*.jpeg"))[::100]])
     for backend in ("onnx", "keras"):
         plain = Predictor.from_artifacts(tiny_exported, backend=backend)
         clf = Predictor.from_artifacts(calibrated, backend=backend)

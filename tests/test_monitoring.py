@@ -125,7 +125,8 @@ def test_population_warnings_are_counted_as_answers_not_refusals(ood_artifacts, 
     def form(data: bytes) -> dict:
         return {"file": (io.BytesIO(data), "x.jpeg")}
 
-    distances = [_client(root).post("/predict", data=form(x)).get_json()["ood_distance"] for x in xrays[:4]]
+    before = _client(root)
+    distances = [before.post("/predict", data=form(x)).get_json()["ood_distance"] for x in xrays[:4]]
     set_reference_thresholds(root, [min(distances) * 1.0001])
     client = _client(root)
     answers = [client.post("/predict", data=form(x)) for x in xrays[:4]]

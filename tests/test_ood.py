@@ -246,8 +246,8 @@ def test_cli_writes_the_population_warning_in_words(ood_artifacts, xrays, tmp_pa
     from chestxray.cli import main
 
     root = _copy(ood_artifacts, tmp_path / "artifacts")
-    distances = [Predictor.from_artifacts(root, backend="keras").predict_images([p])[0].prediction.ood_distance
-                 for p in xrays[:2]]
+    clf = Predictor.from_artifacts(root, backend="keras")
+    distances = [clf.predict_images([p])[0].prediction.ood_distance for p in xrays[:2]]
     set_reference_thresholds(root, [(min(distances) + max(distances)) / 2])  # the nearer one passes
     out = tmp_path / "results.csv"
     assert main(["predict", str(xrays[0]), str(xrays[1]), "--out", str(out), "--artifacts", str(root)]) == 0

@@ -39,6 +39,25 @@ def corrupt_copy(tiny_artifacts, where):
     return where
 
 
+def test_a_model_that_cannot_predict_is_reported_at_start_in_one_line(tiny_artifacts, tmp_path, xray):
+    """With the warm-up (the default), a model whose saved input size disagrees with model_info.json is
+    'unavailable' from the start, with the innermost error only: no traced file paths."""
+    import json
+
+    root = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts, root)
+    info_file = root / "training" / "model_info.json"
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "image_size": 64}))  # the model takes 96
+    app = create_app({"CHESTXRAY_ARTIFACTS": str(root), "GEMINI_API_KEY": "", "CHESTXRAY_WARM_UP": "1"})
+    health = app.test_client().get("/health")
+    message = health.get_json()["message"]
+    assert health.status_code == 503 and message.startswith("the model failed a test prediction (ValueError: ")
+    assert "(None, 96, 96, 3)" in message and "\n" not in message and ".py" not in message
+    assert_error(predict(app.test_client(), xray), 503, "model_unavailable")
+    unwarmed = create_app({"CHESTXRAY_ARTIFACTS": str(root), "GEMINI_API_KEY": "", "CHESTXRAY_WARM_UP": "0"})
+    assert unwarmed.test_client().get("/health").status_code == 200  # loaded; it would fail at the first request
+
+
 def test_missing_model_then_reload_makes_it_ready(tiny_artifacts, tmp_path, xray):
     artifacts = tmp_path / "artifacts"
     client = make_app(artifacts).test_client()

@@ -22,6 +22,9 @@ SETTINGS: dict[str, tuple[type, Any]] = {
     "CHESTXRAY_MODEL_URI": (str, ""),
     "CHESTXRAY_BACKEND": (str, "auto"),  # auto | onnx | keras (see chestxray.model.network.choose_backend)
     "CHESTXRAY_TTA": (boolean, False),  # test-time augmentation: average over flip and shifts (4x the compute)
+    # A test prediction and Grad-CAM when the model loads: the first request does not pay ~2 s of tracing, and a
+    # model that cannot predict is reported at start (/health 503). Off: quicker starts (tests, development).
+    "CHESTXRAY_WARM_UP": (boolean, True),
     "CHESTXRAY_MAX_BATCH": (int, 10),
     "CHESTXRAY_MAX_UPLOAD_MB": (float, 10.0),
     "CHESTXRAY_DRIFT_MIN_COUNT": (int, 200),  # images scored before /monitoring compares them with the reference

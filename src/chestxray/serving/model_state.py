@@ -7,6 +7,7 @@ half-loaded one. Each request reads the reference once (`current_state`) and kee
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,8 @@ class ModelState:
 
 
 def load_predictor(settings: dict[str, Any]) -> ModelState:
-    """Load the predictor the settings name (registry URI or artifacts dir, backend, TTA); never raises."""
+    """Load the predictor the settings name (registry URI or artifacts dir, backend, TTA), warmed up unless
+    CHESTXRAY_WARM_UP is off; never raises."""
     from chestxray.model.artifacts import ModelNotFound
     from chestxray.model.network import BACKENDS
     from chestxray.model.predictor import Predictor
@@ -50,12 +52,22 @@ def load_predictor(settings: dict[str, Any]) -> ModelState:
     except ModelNotFound as exc:
         return ModelState(error=str(exc))
     except Exception as exc:  # a broken file, a registry down: the app must still start and say so
-        return ModelState(error=f"could not load the model ({type(exc).__name__}: {exc})")
+        return ModelState(error=f"could not load the model ({_reason(exc)})")
+    if not settings["CHESTXRAY_WARM_UP"]:
+        return ModelState(predictor=predictor)
     try:
         warm_up(predictor)
     except Exception as exc:
-        return ModelState(error=f"the model failed a test prediction ({type(exc).__name__}: {exc})")
+        return ModelState(error=f"the model failed a test prediction ({_reason(exc)})")
     return ModelState(predictor=predictor)
+
+
+def _reason(exc: Exception) -> str:
+    """One line for /health: TensorFlow's messages carry the traced code's file paths and lines, the
+    innermost error last ("ValueError: Input 0 ... is incompatible ..."); other messages come first."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[A-Z]\w*(Error|Exception): ", line)]
+    return errors[-1] if errors else f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def warm_up(predictor) -> None:
