@@ -8,6 +8,8 @@ FLAVOR := $(if $(filter 1 yes true,$(GPU)),gpu,dev)
 OTHER  := $(if $(filter gpu,$(FLAVOR)),dev,gpu)
 STAMP  := $(VENV)/.installed-$(FLAVOR)
 UV     ?= $(BIN)/uv
+# Test workers (pytest-xdist): one per core plus one, single-threaded each (tests/conftest.py says why).
+WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 # The locks resolve for Linux and CPython 3.11.5+ (the oldest 3.11 every pinned package supports).
 UV_COMPILE := $(UV) pip compile pyproject.toml --python-version 3.11.5 --python-platform linux --quiet \
               --custom-compile-command "make lock"
@@ -53,10 +55,10 @@ pipeline: setup  ## set up, then rebuild the model from the raw images (dvc repr
 
 test: setup  ## set up, then run the whole test suite (browser tests need Debian's chromium)
 	@command -v chromium >/dev/null || echo "note: chromium not installed; browser tests will be skipped (apt-get install chromium)"
-	. $(BIN)/activate && python -m pytest -q -n auto --dist worksteal
+	. $(BIN)/activate && python -m pytest -q -n $(WORKERS) --dist worksteal
 
 test-fast: setup  ## everything but the slow end-to-end tests, on every core (pytest-xdist)
-	. $(BIN)/activate && python -m pytest -q -m "not slow" -n auto --dist worksteal
+	. $(BIN)/activate && python -m pytest -q -m "not slow" -n $(WORKERS) --dist worksteal
 
 mutation: setup  ## mutation testing of the pure-Python core (mutmut, ~5 min on 2 cores; not in CI): kill rate per module
 	. $(BIN)/activate && nice -n 10 python bench/mutation.py
