@@ -192,8 +192,17 @@ def test_dvc_push_then_clone_and_pull_serves_the_model_without_training(project,
     assert prediction["ood_distance"] is not None  # the population reference (ood.json too) was pulled
 
 
-def test_second_repro_does_nothing_and_train_param_reruns_only_what_depends_on_the_model(project):
-    repo, env, params, _ = project
+def test_second_repro_does_nothing_and_train_param_reruns_only_what_depends_on_the_model(project, tmp_path):
+    """On a copy of the project and its MLflow store: `dvc exp run` changes the workspace (params.yaml,
+    dvc.lock, outputs) and registers versions, which the other tests of this module must not see."""
+    import shutil
+
+    original, env, _, _ = project
+    repo = tmp_path / "repo"
+    shutil.copytree(original, repo, symlinks=True)
+    store = tmp_path / "mlflow.db"
+    shutil.copy(env["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"), store)
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
     again = run_ok(["dvc", "repro"], repo, env)
     assert "Running stage" not in again.stdout, again.stdout
     changed = run_ok(["dvc", "exp", "run", "-S", "train.head_lr=0.002"], repo, env)
