@@ -17,8 +17,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CHESTXRAY_WARM_UP", "0")
 # Under pytest-xdist each worker is a process of its own: one thread each (TensorFlow, BLAS), and the Makefile
 # starts one worker more than there are cores, so the cores stay busy while a worker waits on a server, a
-# subprocess or another worker's shared fixture (make test-fast on 2 cores: 2 min 31 s, against 2 min 51 s with
-# two workers and 3 min 13 s with two workers of two threads each).
+# subprocess or another worker's shared fixture (the fast tests on 2 cores: 2 min 31-43 s, against 2 min 51 s
+# with two single-threaded workers and 2 min 54 s to 3 min 13 s with two workers of two threads each).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(name, "1")
