@@ -18,6 +18,11 @@ from helpers import FULLSIZE, ROOT, TB256, XCEPTION_WEIGHTS, need
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 40, 12
+STORE = "mlflow.db"  # the project's private MLflow store (SQLite), beside the repo
+
+
+def _store_uri(path: Path) -> str:
+    return f"sqlite:///{path}"
 
 
 @dataclass
@@ -65,7 +70,7 @@ def make_project(tmp: Path, kermany224: Path) -> Project:
                                 epochs=12)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "MLFLOW_TRACKING_URI": _store_uri(tmp / STORE),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     run_ok(["git", "init", "-q"], repo, env)
@@ -73,3 +78,11 @@ def make_project(tmp: Path, kermany224: Path) -> Project:
     run_ok(["git", "add", "-A"], repo, env)
     run_ok(["git", "commit", "-qm", "pipeline"], repo, env)
     return Project(repo, env, params)
+
+
+def copy_project(repo: Path, env: dict, dest: Path) -> tuple[Path, dict]:
+    """A copy of a project (workspace, git, DVC cache) and of its MLflow store under `dest`, and the env
+    that points at the copy's store: for a test that changes the project (`dvc exp run`) while others read it."""
+    shutil.copytree(repo, dest / "repo", symlinks=True)
+    shutil.copy(env["MLFLOW_TRACKING_URI"].removeprefix(_store_uri("")), dest / STORE)
+    return dest / "repo", {**env, "MLFLOW_TRACKING_URI": _store_uri(dest / STORE)}

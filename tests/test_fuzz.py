@@ -117,7 +117,7 @@ def test_logs_never_carry_file_names_or_keys(gunicorn_server, corpus):
     named = [case for case in corpus if "file name" in case.name]
     for case in named:
         send(gunicorn_server.url, "/predict", case)
-    audit = gunicorn_server.audit_log.read_text(encoding="utf-8")
+    audit = log.read_text(encoding="utf-8")
     server = gunicorn_server.server_log.read_text(encoding="utf-8", errors="replace")
     lines = [json.loads(line) for line in audit.splitlines()]
     ours = lines[earlier:]

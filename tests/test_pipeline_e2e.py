@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dvc_project import CLASSES, TEST_PER_CLASS, make_project, run_ok
+from dvc_project import CLASSES, TEST_PER_CLASS, copy_project, make_project, run_ok
 from helpers import ROOT
 
 pytestmark = pytest.mark.slow
@@ -195,14 +195,8 @@ def test_dvc_push_then_clone_and_pull_serves_the_model_without_training(project,
 def test_second_repro_does_nothing_and_train_param_reruns_only_what_depends_on_the_model(project, tmp_path):
     """On a copy of the project and its MLflow store: `dvc exp run` changes the workspace (params.yaml,
     dvc.lock, outputs) and registers versions, which the other tests of this module must not see."""
-    import shutil
-
     original, env, _, _ = project
-    repo = tmp_path / "repo"
-    shutil.copytree(original, repo, symlinks=True)
-    store = tmp_path / "mlflow.db"
-    shutil.copy(env["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"), store)
-    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    repo, env = copy_project(original, env, tmp_path)
     again = run_ok(["dvc", "repro"], repo, env)
     assert "Running stage" not in again.stdout, again.stdout
     changed = run_ok(["dvc", "exp", "run", "-S", "train.head_lr=0.002"], repo, env)
