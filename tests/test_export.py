@@ -64,6 +64,20 @@ def test_failed_check_fails_the_stage_in_one_line(tiny_artifacts, kermany224, tm
 
 # --- the two backends agree -----------------------------------------------------------------------
 
+def test_the_check_sample_holds_every_source_and_class_in_its_share(tmp_path):
+    rows = [("train", "kermany", "NORMAL", 9)] + [("test", "kermany", "NORMAL", 40), ("test", "kermany", "PNEUMONIA", 100),
+                                                 ("test", "tb256", "NORMAL", 20), ("test", "tb256", "TUBERCULOSIS", 40)]
+    lines = ["path,label,split,source"] + [f"{label}/{source}-{k}.png,{label},{split},{source}"
+                                           for split, source, label, n in rows for k in range(n)]
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    sample = export_stage.split_paths(tmp_path, limit=50)
+    kinds = [Path(p).parent.name + "/" + Path(p).stem.split("-")[0] for p in sample]
+    assert len(sample) == 50 and {k: kinds.count(k) for k in set(kinds)} == {
+        "NORMAL/kermany": 10, "PNEUMONIA/kermany": 25, "NORMAL/tb256": 5, "TUBERCULOSIS/tb256": 10}
+    assert sample == export_stage.split_paths(tmp_path, limit=50)  # the same films every run
+    assert len(export_stage.split_paths(tmp_path)) == 200
+
+
 @pytest.fixture(scope="module")
 def backends(exported) -> dict[str, Predictor]:
     return {b: Predictor.from_artifacts(exported, backend=b) for b in ("onnx", "keras")}

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chestxray.data.split import stratified_subset
 from chestxray.evaluation.corruptions import CORRUPTIONS, corrupt
 from chestxray.model.predictor import Predictor
 from chestxray.model.tta import shift, tta_probabilities, tta_views
@@ -113,14 +114,6 @@ def test_unknown_corruption_or_severity_is_a_clear_error(xray):
         corrupt(xray, "jpeg", 3, np.random.default_rng(0))
 
 
-def test_stratified_subset_keeps_class_shares_and_is_seeded():
-    labels = np.array([0] * 30 + [1] * 70)
-    chosen = stage.subset(labels, 20, seed=1)
-    assert len(chosen) == 20 and (labels[chosen] == 0).sum() == 6
-    assert np.array_equal(chosen, stage.subset(labels, 20, seed=1))
-    assert len(stage.subset(labels, 0, seed=1)) == 100 and len(stage.subset(labels, 500, seed=1)) == 100
-
-
 # --- the stage ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -173,7 +166,7 @@ def test_stage_clean_row_is_what_the_classifier_serves(robustness_run):
     clf = Predictor.from_artifacts(robustness_run, backend="onnx")
     manifest = pd.read_csv(robustness_run / "data" / "manifest.csv")
     labels = np.array([clf.classes.index(c) for c in manifest.label])
-    chosen = stage.subset(labels, 8, seed=3)
+    chosen = stratified_subset(labels, 8, seed=3)
     x = np.stack([load_image(manifest.path[i], clf.image_size) for i in chosen])
     expected, _ = classification_metrics(labels[chosen], clf.served_probabilities(x), clf.classes, clf.normal_class,
                                          clf.calibration.decision_threshold)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chestxray.data.split import _take_count, carve_patients, patient_classes, split_patients
+from chestxray.data.split import _take_count, carve_patients, patient_classes, split_patients, stratified_subset
 
 
 @pytest.mark.parametrize("n, fraction, count", [
@@ -79,3 +79,11 @@ def test_patient_class_ties_go_to_the_first_class_by_name():
     assert patient_classes(["a", "a", "b", "b"], ["Y", "X", "X", "Y"]) == {"a": "X", "b": "X"}
     assert patient_classes(["a", "a", "a"], ["Y", "X", "Y"]) == {"a": "Y"}
     assert patient_classes([], []) == {}
+
+
+def test_stratified_subset_keeps_class_shares_and_is_seeded():
+    labels = np.array([0] * 30 + [1] * 70)
+    chosen = stratified_subset(labels, 20, seed=1)
+    assert len(chosen) == 20 and (labels[chosen] == 0).sum() == 6
+    assert np.array_equal(chosen, stratified_subset(labels, 20, seed=1))
+    assert len(stratified_subset(labels, 0, seed=1)) == 100 and len(stratified_subset(labels, 500, seed=1)) == 100

@@ -72,3 +72,15 @@ def split_patients(
     remaining = {p: c for p, c in remaining.items() if p not in test}
     val = carve_patients(remaining, val_fraction, rng)
     return {p: "test" if p in test else "val" if p in val else "train" for p in patient_class}
+
+
+def stratified_subset(labels: Iterable, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded sample of `limit` items, each label in its share (all when 0 or not fewer)."""
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(list(labels))
+    index = np.arange(len(labels))
+    if not limit or limit >= len(labels):
+        return index
+    chosen, _ = train_test_split(index, train_size=limit, stratify=labels, random_state=seed)
+    return np.sort(chosen)

@@ -42,18 +42,11 @@ def main(argv: list[str] | None = None) -> None:
                                 Path(args.evaluation), Path(args.out)), Path(args.out))
 
 
-def subset(paths: list[str], labels: list[str], limit: int, seed: int) -> list[str]:
-    """At most `limit` of `paths`, each class in its share (stratified), drawn with `seed`; in manifest order."""
-    if len(paths) <= limit:
-        return list(paths)
-    rng = np.random.default_rng(seed)
-    labels_arr = np.asarray(labels)
-    chosen = []
-    for label in sorted(set(labels)):
-        members = np.flatnonzero(labels_arr == label)
-        take = max(1, round(limit * len(members) / len(paths)))
-        chosen += list(rng.choice(members, size=min(take, len(members)), replace=False))
-    return [paths[i] for i in sorted(chosen)[:limit]]
+def _sample(paths: list[str], labels, limit: int, seed: int) -> list[str]:
+    """At most `limit` of `paths`, each class in its share, seeded; in manifest order."""
+    from chestxray.data.split import stratified_subset
+
+    return [paths[i] for i in stratified_subset(labels, limit, seed)]
 
 
 def _image_sides(paths: list[str]) -> np.ndarray:
@@ -96,9 +89,9 @@ def reference(params: dict, config: dict | None, data_dir: Path, model_dir: Path
     manifest = pd.read_csv(data_dir / "manifest.csv")
     rows = {s: manifest[manifest.split == s] for s in ("train", "val", "test")}
     paths = {s: [str(data_dir / p) for p in r.path] for s, r in rows.items()}
-    train = subset(paths["train"], list(rows["train"].label), params["max_train_images"], params["seed"])
+    train = _sample(paths["train"], rows["train"].label, params["max_train_images"], params["seed"])
     n_test = params.get("max_test_images", 0)
-    test = subset(paths["test"], list(rows["test"].label), n_test, params["seed"]) if n_test > 0 else []
+    test = _sample(paths["test"], rows["test"].label, n_test, params["seed"]) if n_test > 0 else []
     if not paths["val"]:
         raise ValueError(f"{data_dir / 'manifest.csv'} lists no validation images to set the thresholds on")
 

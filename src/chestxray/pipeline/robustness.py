@@ -40,17 +40,6 @@ def main(argv: list[str] | None = None) -> None:
                                  Path(args.export), Path(args.out)), Path(args.out))
 
 
-def subset(labels: np.ndarray, max_images: int, seed: int) -> np.ndarray:
-    """Sorted indices of a stratified, seeded sample of `max_images` (all when 0 or not fewer than there are)."""
-    from sklearn.model_selection import train_test_split
-
-    index = np.arange(len(labels))
-    if not max_images or max_images >= len(labels):
-        return index
-    chosen, _ = train_test_split(index, train_size=max_images, stratify=labels, random_state=seed)
-    return np.sort(chosen)
-
-
 def score(predictor, y: np.ndarray, probs: np.ndarray, bins: int) -> tuple[dict, np.ndarray]:
     """(the METRICS of served probabilities, per-image correctness) under the model's decision threshold."""
     from chestxray.evaluation.metrics import classification_metrics
@@ -124,6 +113,7 @@ def robustness(params: dict, config: dict, data_dir: Path, model_dir: Path, eval
 
     from chestxray import tracking
     from chestxray.data.preprocess import decode_image
+    from chestxray.data.split import stratified_subset
     from chestxray.model.artifacts import ONNX_FILE, THRESHOLDS_FILE, ModelFiles
     from chestxray.model.predictor import Predictor
 
@@ -134,7 +124,7 @@ def robustness(params: dict, config: dict, data_dir: Path, model_dir: Path, eval
     manifest = pd.read_csv(data_dir / "manifest.csv")
     test = manifest[manifest.split == "test"].reset_index(drop=True)
     labels = np.array([predictor.classes.index(c) for c in test.label])
-    chosen = subset(labels, int(params["max_images"]), int(params["seed"]))
+    chosen = stratified_subset(labels, int(params["max_images"]), int(params["seed"]))
     grays = [decode_image((data_dir / test.path[i]).read_bytes()) for i in chosen]  # decoded once, kept in memory
     table = robustness_table(predictor, grays, labels[chosen], int(params["seed"]), int(params["calibration_bins"]))
 
