@@ -9,7 +9,7 @@ import pytest
 from chestxray.evaluation.model_card import render_model_card
 from chestxray.pipeline.model_card import write_model_card
 from chestxray.serving import create_app
-from helpers import copy_model
+from helpers import ROOT, copy_model
 
 INFO = {"classes": ["NORMAL", "PNEUMONIA"], "normal_class": "NORMAL", "image_size": 224, "backbone": "xception",
         "truncate_before": "block11_sepconv1_act", "fine_tune_from": "block9_sepconv1_act",
@@ -110,10 +110,27 @@ def test_three_class_card_has_per_class_per_source_benchmark_and_measured_risks(
     assert "**Adults vs children**" in card and "ROC AUC 0.9997" in card
     assert "**Burned-in text, PNG vs JPEG**" in card and "ROC AUC 0.9980" in card
     assert "| tb256/hospital -> tb256/public | 0.840 | 0.860 | 0.870 | 0.880 |" in card
+    assert "research/04's own fits of this recipe, not this model file" in card
     assert "`equalise`" in card and "0.870 -> 0.900" in card
     assert "accuracy 0.991 (chance 0.400" in card
     assert "age and source are entangled" in card
 
+
+
+def test_the_pipelines_card_carries_the_committed_cross_source_measurement():
+    import shlex
+
+    import yaml
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["model_card"]
+    args = shlex.split(stage["cmd"])
+    shortcuts = args[args.index("--shortcuts") + 1]
+    assert shortcuts in stage["deps"]  # a re-run of research/04 re-renders the card
+    results = json.loads((ROOT / shortcuts).read_text())
+    card = render_model_card({**INFO, "classes": THREE}, "sha256:0", {**REPORT, "classes": THREE}, METRICS3,
+                             THRESHOLDS, shortcuts=results)
+    auc = results["cross_collection_auc"]["none"]["tb256/public -> tb256/hospital"]["pipeline_head"]["test"]
+    assert "**TB across sources**" in card and f"{auc:.3f}" in card
 
 def test_two_class_card_has_no_three_class_sections():
     card = render_model_card(INFO, "sha256:0", REPORT, METRICS, THRESHOLDS)

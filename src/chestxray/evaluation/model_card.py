@@ -180,7 +180,9 @@ def _risks(metrics: dict, shortcuts: dict | None) -> list[str]:
                                   ("probe_xception_whole", "probe_pipeline_backbone", "pipeline_head",
                                    "pipeline_head_fine_tuned")]] for direction, entry in cross.items()]
             lines += ["- **TB across sources**: fitted on one TB collection with its own normals, tested on the "
-                      "other (test half, near-duplicates of training films removed):", "",
+                      "other (test half, near-duplicates of training films removed). These are research/04's own "
+                      "fits of this recipe, not this model file: re-run `python research/04_cross_source_tb.py` "
+                      "after changing the recipe.", "",
                       *_table(["train -> test", "whole Xception + LR", "pipeline backbone + LR", "pipeline head",
                                "pipeline head, fine-tuned"], rows), ""]
         if mitigation:

@@ -7,9 +7,10 @@ A stage of its own because the card holds evaluate's *and* robustness' results a
 belongs to one stage. The app serves the card at /model/card; it is also logged to the MLflow run
 that train opened (`evaluation/model_card.md`), where a model loaded from the registry finds it.
 reference/ood.json (the out-of-distribution check's figures) is included when it exists, and so
-are, with --shortcuts, the measurements research/04_cross_source_tb.py writes (not in the default
-stage: that script takes the better part of an hour on 2 cores; the card always carries evaluate's
-source probe).
+are, with --shortcuts, the measurements research/04_cross_source_tb.py writes: the default stage
+passes its committed results (the script takes the better part of an hour on 2 cores, too long for
+a stage, so it is re-run by hand after the recipe changes); the card always carries evaluate's own
+source probe.
 """
 from __future__ import annotations
 
