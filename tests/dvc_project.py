@@ -66,8 +66,8 @@ def make_project(tmp: Path, kermany224: Path) -> Project:
     params["train"].update(head_epochs=20, fine_tune_epochs=1, augment_views=1, batch_size=16)
     # A detector that knows children and adults (tb256 as one extra source) well enough never to refuse the
     # Kermany test films these tests send; its quality is measured by the real stage, not here.
-    params["xray_check"].update(extra_sources=[str(need(FULLSIZE)), str(need(TB256))], max_per_origin=150, variants=3,
-                                epochs=12)
+    params["xray_check"].update(extra_sources=[str(need(FULLSIZE)), str(need(TB256))], max_per_origin=150,
+                                fold_max_per_origin=100, variants=3, epochs=12)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     env = {**os.environ, "PYTHONPATH": str(repo / "src"), "MLFLOW_TRACKING_URI": _store_uri(tmp / STORE),

@@ -80,6 +80,9 @@ def test_repro_fits_the_not_a_chest_xray_detector_leaving_one_source_out(project
     held_out = summary["leave_one_source_out"]
     assert len(held_out) >= 2 and all(0 <= v["accepted_share"] <= 1 and v["n"] > 0 for v in held_out.values())
     assert 0 < summary["threshold"] < 1 and "never the test split" in summary["chosen_on"]
+    # Each leave-one-out fit takes at most fold_max_per_origin X-rays an origin; a held-out origin is scored on all.
+    assert max(summary["n_fit"]["fold_xrays_per_origin"].values()) == 100
+    assert max(v["n"] for v in held_out.values()) == 150
     assert summary["non_xrays"]["n"] > 100 and summary["test_xrays"]
     assert (repo / "artifacts/xray_check/detector.npz").is_file()
 
