@@ -71,3 +71,19 @@ def test_benchmark_needs_both_classes_known_and_present():
                                ["NORMAL", "PNEUMONIA"], "NORMAL", 0.5) is None
     assert two_class_benchmark(np.array([0, 1]), probs, np.array([0, 0]), ["NORMAL", "TUBERCULOSIS"],
                                ["NORMAL", "PNEUMONIA"], "NORMAL", 0.5) is None
+
+
+@pytest.mark.parametrize("sources, n", [(["data"] * 6, 6), (["kermany"] * 4 + ["tb256"] * 2, 4)])
+def test_the_benchmark_takes_every_film_of_a_one_source_run_and_only_its_source_otherwise(sources, n):
+    # `-S data.source=...` names its one source "data": the two-class run must still carry the benchmark block.
+    import pandas as pd
+
+    from chestxray.pipeline.evaluate import by_source
+
+    classes = ["NORMAL", "PNEUMONIA"]
+    y = np.array([0, 1, 0, 1, 0, 1])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6], [0.1, 0.9], [0.8, 0.2]])
+    test = pd.DataFrame({"source": sources, "collection": sources})
+    params = {"benchmark": {"source": "kermany", "classes": classes}, "calibration_bins": 10}
+    out = by_source(params, test, y, probs, decide(probs, classes, "NORMAL", 0.5), classes, "NORMAL", 0.5)
+    assert out["benchmark"]["n"] == n

@@ -106,8 +106,8 @@ def by_source(params: dict, test: "pd.DataFrame", y, probs, predicted, classes: 
     """metrics.json blocks per source and per collection, and the two-class benchmark on one source's images.
 
     The benchmark (params `benchmark`: source and the two classes) takes the test images of that
-    source (all of them when the manifest has no `source` column, i.e. one source), so a three-class
-    run and a two-class run can be compared key for key with `dvc metrics diff`.
+    source (all of them when the run has one source, e.g. `data.source`, whatever its name), so a
+    three-class run and a two-class run can be compared key for key with `dvc metrics diff`.
     """
     import numpy as np
 
@@ -119,7 +119,8 @@ def by_source(params: dict, test: "pd.DataFrame", y, probs, predicted, classes: 
             out[f"per_{column}"] = group_metrics(y, probs, predicted, classes, normal, test[column].values)
     spec = params.get("benchmark") or {}
     if spec and normal is not None:
-        rows = (test.source == spec["source"]).values if "source" in test else np.ones(len(test), bool)
+        one_source = "source" not in test or test.source.nunique() <= 1
+        rows = np.ones(len(test), bool) if one_source else (test.source == spec["source"]).values
         bench = two_class_benchmark(y[rows], probs[rows], predicted[rows], classes, list(spec["classes"]), normal,
                                     threshold, params["calibration_bins"])
         if bench is not None:
