@@ -50,12 +50,12 @@ def run_ok(cmd: list[str], cwd: Path, env: dict, timeout: float = 900) -> subpro
 
 
 def make_project(tmp: Path, kermany224: Path) -> Project:
-    """A git+DVC repo holding this project's pipeline (dvc.yaml, config, src) with tiny params, committed."""
+    """A git+DVC repo holding this project's pipeline (dvc.yaml, config, src, research results) with tiny params, committed."""
     data = tmp / "source"
     copy_subset(kermany224, data, {"train": TRAIN_PER_CLASS, "test": TEST_PER_CLASS})
     repo = tmp / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "config", "main.py"):
+    for name in ("dvc.yaml", "config", "main.py", "research/results"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
